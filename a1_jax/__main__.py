@@ -1,0 +1,3 @@
+from a1_jax.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Pure Flax Linen modules, one architecture unit per file."""

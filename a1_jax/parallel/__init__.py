@@ -1,0 +1,1 @@
+"""Mesh construction, logical axis rules and sharding helpers."""

@@ -1,0 +1,34 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="a1_jax",
+    version="0.1.0",
+    description="SkyReels-A1 portrait animation in JAX/Flax: inference with PyTorch parity, and training",
+    packages=find_packages(include=["a1_jax", "a1_jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.4.35",  # no upper bound: GPU machines bring newer jax
+        "flax>=0.10",
+        "optax",
+        "orbax-checkpoint",
+        "grain",
+        "mediapipe>=1.2,<1.3",  # the Tasks API we use; 1.2 has no legacy `solutions`
+        "opencv-contrib-python",  # the only OpenCV wheel: mediapipe needs it, a second one shares cv2/ and breaks it
+        "imageio",
+        "imageio-ffmpeg",
+        "safetensors",
+        "numpy",
+        "ml_dtypes",
+        "tqdm",
+    ],
+    extras_require={
+        "test": [
+            "pytest",
+            "torch==2.13.0",  # the local CPU wheel; any other spec pulls GBs of CUDA packages
+            "diffusers==0.42.1",  # the parity reference: pinned to the version our parity figures were measured on
+            "transformers==5.23.0",
+            "tensorflow-datasets",
+        ],
+    },
+    entry_points={"console_scripts": ["a1-jax=a1_jax.cli:main"]},
+)
