@@ -1,0 +1,1 @@
+"""Face -> control video: MediaPipe landmarks, retargeting onto the reference face, drawing, crops."""

@@ -1,0 +1,111 @@
+"""MediaPipe FaceLandmarker (Tasks API): where its model file is, and one call per image or video frame.
+
+mediapipe 1.2 has only the Tasks API. Each detection returns the 478 landmarks (468 mesh + 10 iris) in pixels, the
+52 blendshape scores and the 4×4 facial transformation matrix (canonical face model -> camera space).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import numpy as np
+
+from a1_jax.errors import UserError
+
+ENV_VAR = "A1_JAX_LANDMARKER"
+CACHE_PATH = os.path.join("~", ".cache", "a1_jax", "face_landmarker.task")
+
+
+def find_landmarker_model(path: str | None = None) -> str:
+    """`path` if given, else `$A1_JAX_LANDMARKER`, else `~/.cache/a1_jax/face_landmarker.task`."""
+    if path:
+        if not os.path.isfile(path):
+            raise UserError(f"landmarker model not found: {path}")
+        return path
+    candidates = [os.environ.get(ENV_VAR, ""), os.path.expanduser(CACHE_PATH)]
+    for candidate in candidates:
+        if candidate and os.path.isfile(candidate):
+            return candidate
+    raise UserError(
+        f"MediaPipe face landmarker model not found: pass --landmarker PATH, set ${ENV_VAR}, or place it at "
+        f"{CACHE_PATH}; the file is face_landmarker.task (FaceLandmarker v2 with blendshapes) from the "
+        "MediaPipe model zoo")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceLandmarks:
+    """One face in one image. `points[:, :2]` are pixels (x right, y down); `points[:, 2]` is depth on the x scale."""
+
+    points: np.ndarray  # [478, 3] float32
+    blendshapes: np.ndarray  # [52] float32, MediaPipe's category order
+    transform: np.ndarray  # [4, 4] float32, canonical face model -> camera
+    image_size: tuple[int, int]  # (height, width)
+
+    def offset(self, dx: float, dy: float) -> "FaceLandmarks":
+        """The same face with pixel coordinates shifted (e.g. from a crop back to the full image)."""
+        points = self.points.copy()
+        points[:, 0] += dx
+        points[:, 1] += dy
+        return dataclasses.replace(self, points=points)
+
+
+class Landmarker:
+    """A FaceLandmarker for still images (`video=False`) or one video's frames in order (`video=True`).
+
+    Use as a context manager; `detect` returns None where no face is found.
+    """
+
+    def __init__(self, model_path: str | None = None, *, video: bool = False, min_confidence: float = 0.5):
+        os.environ.setdefault("GLOG_minloglevel", "2")  # MediaPipe's C++ logs flood stderr otherwise
+        from mediapipe.tasks.python import vision
+        from mediapipe.tasks.python.core.base_options import BaseOptions
+
+        mode = vision.RunningMode.VIDEO if video else vision.RunningMode.IMAGE
+        options = vision.FaceLandmarkerOptions(
+            base_options=BaseOptions(model_asset_path=find_landmarker_model(model_path)),
+            running_mode=mode, num_faces=1, output_face_blendshapes=True,
+            output_facial_transformation_matrixes=True, min_face_detection_confidence=min_confidence,
+            min_face_presence_confidence=min_confidence, min_tracking_confidence=min_confidence)
+        try:
+            self._task = vision.FaceLandmarker.create_from_options(options)
+        except (RuntimeError, ValueError) as e:
+            raise UserError(f"cannot load the face landmarker model ({e})") from None
+        self._video = video
+        self._last_ms = -1
+
+    def detect(self, image: np.ndarray, timestamp_ms: int | None = None) -> FaceLandmarks | None:
+        """Landmarks of the most prominent face in an RGB uint8 `[H, W, 3]` image, or None."""
+        import mediapipe as mp
+
+        height, width = image.shape[:2]
+        frame = mp.Image(image_format=mp.ImageFormat.SRGB, data=np.ascontiguousarray(image, dtype=np.uint8))
+        if self._video:
+            # VIDEO mode needs strictly increasing timestamps; callers may pass their own.
+            timestamp_ms = self._last_ms + 1 if timestamp_ms is None else max(timestamp_ms, self._last_ms + 1)
+            self._last_ms = timestamp_ms
+            result = self._task.detect_for_video(frame, timestamp_ms)
+        else:
+            result = self._task.detect(frame)
+        if not result.face_landmarks:
+            return None
+        points = np.array([(p.x * width, p.y * height, p.z * width) for p in result.face_landmarks[0]], np.float32)
+        scores = np.array([c.score for c in result.face_blendshapes[0]], np.float32)
+        transform = np.asarray(result.facial_transformation_matrixes[0], np.float32).reshape(4, 4)
+        return FaceLandmarks(points=points, blendshapes=scores, transform=transform, image_size=(height, width))
+
+    def close(self) -> None:
+        self._task.close()
+
+    def __enter__(self) -> "Landmarker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def detect_image(image: np.ndarray, model_path: str | None = None,
+                 min_confidence: float = 0.5) -> FaceLandmarks | None:
+    """One-shot detection on a still RGB image."""
+    with Landmarker(model_path, video=False, min_confidence=min_confidence) as landmarker:
+        return landmarker.detect(image)
+
