@@ -16,6 +16,7 @@ setup(
         "opencv-contrib-python",  # the only OpenCV wheel: mediapipe needs it, a second one shares cv2/ and breaks it
         "imageio",
         "imageio-ffmpeg",
+        "pillow",  # resizes exactly as the reference's PIL calls (canvas crop, SigLIP preprocessing)
         "safetensors",
         "numpy",
         "ml_dtypes",
