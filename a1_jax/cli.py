@@ -42,8 +42,10 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
     # VAE input geometry (pixels); DiT and SigLIP take theirs from the config.
     parser.add_argument("--frames", type=int, default=9, help="vae: video frames")
-    parser.add_argument("--height", type=int, default=None, help="vae: pixel height (default: config sample_height)")
-    parser.add_argument("--width", type=int, default=None, help="vae: pixel width (default: config sample_width)")
+    parser.add_argument("--height", type=int, default=None,
+                        help="vae: pixel height (default: 4 latent pixels, 32 for the 5B VAE; 1.5 tiles with --tiling)")
+    parser.add_argument("--width", type=int, default=None,
+                        help="vae: pixel width (default: 6 latent pixels, 48 for the 5B VAE; 1.5 tiles with --tiling)")
     parser.add_argument("--tiling", action="store_true", help="vae: spatial tiling, as enable_tiling()")
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the component's own)")
 

@@ -166,6 +166,29 @@ class DiTConfig:
     def from_json(cls, path: str | os.PathLike) -> "DiTConfig":
         return from_mapping(cls, read_json(path), str(path))
 
+    def validate(self, source: str) -> None:
+        require(self.patch_size_t is None, source, "patch_size_t (CogVideoX 1.5 temporal patches) is not supported; "
+                "SkyReels-A1 patches each frame (patch_size_t must be null)")
+        require(not self.ofs_embed_dim, source, "ofs_embed_dim (CogVideoX 1.5) is not supported; it must be null")
+        require(self.activation_fn == "gelu-approximate", source,
+                f"unsupported activation_fn {self.activation_fn!r} (only 'gelu-approximate')")
+        require(self.timestep_activation_fn == "silu", source,
+                f"unsupported timestep_activation_fn {self.timestep_activation_fn!r} (only 'silu')")
+        require(self.dropout == 0.0, source, f"dropout {self.dropout} is not supported (only 0.0)")
+        require(min(self.num_attention_heads, self.attention_head_dim, self.num_layers, self.in_channels,
+                    self.out_channels, self.patch_size, self.max_text_seq_length, self.face_embed_dim,
+                    self.face_hidden_dim, self.text_embed_dim, self.time_embed_dim) > 0, source,
+                "every width, count and size must be positive")
+        require(not self.use_learned_positional_embeddings or self.use_rotary_positional_embeddings, source,
+                "use_learned_positional_embeddings needs use_rotary_positional_embeddings (as in diffusers)")
+        require(not self.use_rotary_positional_embeddings or self.attention_head_dim % 16 == 0, source,
+                f"3-D RoPE needs attention_head_dim divisible by 16, got {self.attention_head_dim}")
+        sincos = self.use_learned_positional_embeddings or not self.use_rotary_positional_embeddings
+        require(not sincos or self.inner_dim % 16 == 0, source,
+                f"the 3-D sin-cos position table needs a width divisible by 16, got {self.inner_dim}")
+        require(self.sample_height % self.patch_size == 0 and self.sample_width % self.patch_size == 0, source,
+                f"sample_height/sample_width must be divisible by patch_size {self.patch_size}")
+
     @property
     def inner_dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
@@ -189,7 +212,34 @@ class SiglipConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> "SiglipConfig":
         data = read_json(path)
+        kind = data.get("model_type", "siglip_vision_model")
+        require(kind in ("siglip", "siglip_vision_model"), str(path),
+                f"expected a SigLIP (siglip / siglip_vision_model) config, got model_type {kind!r}")
         # A full SiglipModel config nests the tower we want; its text tower is ignored.
-        if "vision_config" in data:
-            data = data["vision_config"] or {}
+        if kind == "siglip" or "vision_config" in data:
+            data = data.get("vision_config") or {}
         return from_mapping(cls, data, str(path))
+
+    def validate(self, source: str) -> None:
+        # Both names are transformers' tanh-approximated GELU; the SigLIP checkpoints use the first.
+        require(self.hidden_act in ("gelu_pytorch_tanh", "gelu_new"), source,
+                f"unsupported hidden_act {self.hidden_act!r} (only the tanh GELU: 'gelu_pytorch_tanh', 'gelu_new')")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                    "image_size", "patch_size"):
+            value = getattr(self, key)
+            require(isinstance(value, int) and value > 0, source, f"{key} must be a positive integer, got {value!r}")
+        # Not divisibility: So400m/14 takes 384 px, 27 patches a side, and its valid conv drops the last 6 rows/cols.
+        require(self.patch_size <= self.image_size, source,
+                f"patch_size {self.patch_size} is larger than image_size {self.image_size}")
+        require(self.hidden_size % self.num_attention_heads == 0, source,
+                f"hidden_size {self.hidden_size} must be divisible by num_attention_heads {self.num_attention_heads}")
+        require(self.layer_norm_eps > 0, source, f"layer_norm_eps must be positive, got {self.layer_norm_eps}")
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens out of the tower: one per patch, no class token (729 for So400m/14 at 384)."""
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads

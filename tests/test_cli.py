@@ -46,7 +46,7 @@ def test_configs_take_library_defaults_and_ignore_bookkeeping_keys(tmp_path):
 
 
 def test_siglip_config_reads_either_kind(tmp_path):
-    vision = {"hidden_size": 32, "num_hidden_layers": 2, "patch_size": 14}
+    vision = {"hidden_size": 32, "num_attention_heads": 4, "num_hidden_layers": 2, "patch_size": 14}
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "config.json").write_text(json.dumps({"text_config": {"hidden_size": 9},
                                                                 "vision_config": vision}))

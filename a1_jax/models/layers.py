@@ -1,4 +1,5 @@
-"""Primitives shared by every model: attention dispatch, fp32 norms, Dense/Conv with logical axes.
+"""Primitives shared by every model: attention dispatch, fp32 norms, Dense with logical axes, RoPE and
+sinusoidal position/timestep encodings.
 
 Numerics: norms and softmax run in fp32 whatever the compute dtype, then cast back; parameters are created in
 `param_dtype` and cast to the compute `dtype` at use.
@@ -11,6 +12,7 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from a1_jax.parallel import axes
 
@@ -71,3 +73,78 @@ def dense(features: int, logical_axes: Sequence[str | None], *, use_bias: bool =
     return nn.Dense(features, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
                     kernel_init=init(kernel_init, tuple(logical_axes)),
                     bias_init=init(nn.initializers.zeros, (logical_axes[-1],)))
+
+
+# --- Position and timestep encodings -------------------------------------------------------------------------------
+# Tables that depend only on static geometry are built with NumPy at trace time (they become constants of the
+# compiled program); anything that depends on traced values (timesteps) is computed with jnp in fp32.
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, *, flip_sin_to_cos: bool = True, freq_shift: float = 0.0,
+                       max_period: float = 10000.0) -> jax.Array:
+    """Sinusoidal embedding of (possibly fractional) timesteps `[batch]` -> `[batch, dim]` in fp32.
+
+    Frequencies `exp(-ln(max_period) * k / (dim/2 - freq_shift))`; `[sin, cos]`, or `[cos, sin]` when flipped (the
+    CogVideoX order). An odd `dim` gets one zero column, as diffusers pads it.
+    """
+    half = dim // 2
+    exponent = -jnp.log(jnp.float32(max_period)) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift)
+    angles = timesteps.astype(jnp.float32)[:, None] * jnp.exp(exponent)[None, :]
+    parts = [jnp.cos(angles), jnp.sin(angles)] if flip_sin_to_cos else [jnp.sin(angles), jnp.cos(angles)]
+    if dim % 2:
+        parts.append(jnp.zeros_like(angles[:, :1]))
+    return jnp.concatenate(parts, axis=-1)
+
+
+def sincos_1d(dim: int, positions: np.ndarray) -> np.ndarray:
+    """`[sin | cos]` embedding of `positions` `[n]` -> `[n, dim]`, frequencies `1/10000^(k/(dim/2))`, in float64."""
+    if dim % 2:
+        raise ValueError(f"sin-cos embedding width must be even, got {dim}")
+    omega = 1.0 / 10000.0 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.outer(np.asarray(positions, np.float64).reshape(-1), omega)
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+def sincos_3d(dim: int, frames: int, height: int, width: int, *, spatial_scale: float = 1.0,
+              temporal_scale: float = 1.0) -> np.ndarray:
+    """3-D sin-cos table `[frames*height*width, dim]` in (frame, row, col) order, float64.
+
+    The first quarter of the width encodes time; the other three quarters encode space, their first half from the
+    column coordinate and their second half from the row coordinate (the layout of CogVideoX's table).
+    """
+    if dim % 16:
+        raise ValueError(f"3-D sin-cos embedding width must be divisible by 16, got {dim}")
+    spatial, temporal = 3 * dim // 4, dim // 4
+    rows, cols = np.meshgrid(np.arange(height, dtype=np.float32) / np.float32(spatial_scale),
+                             np.arange(width, dtype=np.float32) / np.float32(spatial_scale), indexing="ij")
+    space = np.concatenate([sincos_1d(spatial // 2, cols), sincos_1d(spatial // 2, rows)], axis=1)  # [h*w, 3d/4]
+    time = sincos_1d(temporal, np.arange(frames, dtype=np.float32) / np.float32(temporal_scale))  # [f, d/4]
+    time = np.broadcast_to(time[:, None, :], (frames, height * width, temporal))
+    space = np.broadcast_to(space[None], (frames, height * width, spatial))
+    return np.concatenate([time, space], axis=-1).reshape(frames * height * width, dim)
+
+
+def rope_1d(dim: int, positions: np.ndarray, theta: float = 10000.0) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE cos/sin `[n, dim]` for `positions` `[n]`, each frequency repeated for its (even, odd) feature pair.
+
+    Computed in float32 like the reference, so the tables agree with it to the last bit or two.
+    """
+    if dim % 2:
+        raise ValueError(f"RoPE width must be even, got {dim}")
+    freqs = np.float32(1.0) / np.float32(theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    angles = np.outer(np.asarray(positions, np.float32), freqs).astype(np.float32)
+    return np.repeat(np.cos(angles), 2, axis=1), np.repeat(np.sin(angles), 2, axis=1)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotates adjacent feature pairs `(x0, x1) -> (x0 cos - x1 sin, x1 cos + x0 sin)` in fp32, cast back.
+
+    `x`: `[..., length, heads, head_dim]`; `cos`/`sin`: `[length, head_dim]` (pair-repeated, as `rope_1d` makes them).
+    A row with cos=1, sin=0 leaves its token exactly unchanged.
+    """
+    dtype = x.dtype
+    x = x.astype(jnp.float32)
+    pairs = x.reshape(*x.shape[:-1], -1, 2)
+    rotated = jnp.stack([-pairs[..., 1], pairs[..., 0]], axis=-1).reshape(x.shape)
+    cos, sin = cos[:, None, :].astype(jnp.float32), sin[:, None, :].astype(jnp.float32)
+    return (x * cos + rotated * sin).astype(dtype)

@@ -6,8 +6,11 @@ mediapipe 1.2 has only the Tasks API. Each detection returns the 478 landmarks (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+import sys
+
 import numpy as np
 
 from a1_jax.errors import UserError
@@ -30,6 +33,21 @@ def find_landmarker_model(path: str | None = None) -> str:
         f"MediaPipe face landmarker model not found: pass --landmarker PATH, set ${ENV_VAR}, or place it at "
         f"{CACHE_PATH}; the file is face_landmarker.task (FaceLandmarker v2 with blendshapes) from the "
         "MediaPipe model zoo")
+
+
+@contextlib.contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 while MediaPipe builds its graph: its C++ side logs a dozen warnings there that
+    GLOG_minloglevel does not reach (absl logging). Python-level errors still surface as exceptions."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,7 +85,8 @@ class Landmarker:
             output_facial_transformation_matrixes=True, min_face_detection_confidence=min_confidence,
             min_face_presence_confidence=min_confidence, min_tracking_confidence=min_confidence)
         try:
-            self._task = vision.FaceLandmarker.create_from_options(options)
+            with _quiet_native_stderr():
+                self._task = vision.FaceLandmarker.create_from_options(options)
         except (RuntimeError, ValueError) as e:
             raise UserError(f"cannot load the face landmarker model ({e})") from None
         self._video = video

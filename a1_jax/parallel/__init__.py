@@ -1,1 +1,4 @@
 """Mesh construction, logical axis rules and sharding helpers."""
+
+from a1_jax.parallel.mesh import (MESH_AXES, MeshPreset, load_preset, logical_sharding, logical_specs, make_mesh,
+                                  shard, shardings)

@@ -1,0 +1,518 @@
+"""CogVideoX causal 3D VAE (`AutoencoderKLCogVideoX`), also the pose guider's architecture.
+
+Public layout is channels-last: videos are `[batch, frames, height, width, 3]` in [-1, 1], latents
+`[batch, latent_frames, height / 8, width / 8, latent_channels]` (5B geometry). Multiply a latent by
+`config.scaling_factor` before the DiT and divide by it before `decode`, as the reference pipeline does.
+
+Numerics follow diffusers' `AutoencoderKLCogVideoX` (installed 0.42.1; identical in these paths to 0.32.2):
+
+* Causal convolutions pad time with k-1 copies of the first frame, or with the last k-1 (padded) input frames of the
+  previous chunk (the "conv cache"); space is zero-padded.
+* The encoder sees 8-frame chunks (the first one 8 + T mod 8), the decoder 2-latent-frame chunks (first 2 + T mod 2).
+  GroupNorm statistics are per chunk, so this chunking is part of the function, not an optimisation. The first chunk
+  runs on its own; the equal-sized rest run under one `nn.scan` that carries the conv cache, so compile time does not
+  grow with video length.
+* Optional spatial tiling (`tiling=True`) reproduces `enable_tiling()`: overlapping tiles, each with its own frame
+  chunking, blended with linear ramps against already-blended neighbours, then cropped.
+* GroupNorm runs in fp32 whatever the compute `dtype`; parameters are created in `param_dtype`, used in `dtype`.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import flax.linen as nn
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a1_jax.config import VAEConfig
+from a1_jax.parallel import axes
+
+Dtype = Any
+Cache = Any  # nested dict of [batch, k-1, height, width, channels] arrays, one per causal 3x3x3 conv
+
+ENCODE_CHUNK_FRAMES = 8  # diffusers num_sample_frames_batch_size
+DECODE_CHUNK_FRAMES = 2  # diffusers num_latent_frames_batch_size
+TILE_OVERLAP_HEIGHT = 1 / 6  # diffusers tile_overlap_factor_height
+TILE_OVERLAP_WIDTH = 1 / 5  # diffusers tile_overlap_factor_width
+LOGVAR_RANGE = (-30.0, 20.0)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def resize_nearest(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
+    """Nearest resize of `[B, T, H, W, C]` to `size` (T, H, W) with torch's index rule floor(i * in / out)."""
+    for axis, out in zip((1, 2, 3), size):
+        n = x.shape[axis]
+        if n == out:
+            continue
+        scale = np.float32(n / out)  # torch computes the ratio and the product in fp32
+        index = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64), n - 1)
+        x = jnp.take(x, index, axis=axis)
+    return x
+
+
+def upsample_space(x: jax.Array) -> jax.Array:
+    """Nearest x2 in height and width."""
+    return jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+
+
+def chunk_sizes(frames: int, chunk: int) -> tuple[int, int, int]:
+    """diffusers' frame batching: (first chunk, size of each later chunk, number of later chunks).
+
+    `max(T // chunk, 1)` batches; the first takes the remainder too, so T = first + rest * count.
+    """
+    batches = max(frames // chunk, 1)
+    if batches == 1:
+        return frames, chunk, 0
+    first = chunk + frames % chunk
+    return first, chunk, batches - 1
+
+
+def _blend_weights(extent: int, axis: int) -> jax.Array:
+    """Linear ramp y / extent (y = 0 .. extent-1), shaped to broadcast along `axis` of a [B, T, H, W, C] array."""
+    ramp = np.array([y / extent for y in range(extent)], dtype=np.float64).astype(np.float32)
+    shape = [1] * 5
+    shape[axis] = extent
+    return jnp.asarray(ramp.reshape(shape))
+
+
+def blend(previous: jax.Array, tile: jax.Array, extent: int, axis: int) -> jax.Array:
+    """Fades the last `extent` rows/columns of `previous` into the first of `tile` (diffusers blend_v / blend_h)."""
+    extent = min(previous.shape[axis], tile.shape[axis], extent)
+    if extent <= 0:
+        return tile
+    w = _blend_weights(extent, axis).astype(tile.dtype)
+    head = jax.lax.slice_in_dim(tile, 0, extent, axis=axis)
+    tail = jax.lax.slice_in_dim(previous, previous.shape[axis] - extent, previous.shape[axis], axis=axis)
+    mixed = tail * (1 - w) + head * w
+    return jax.lax.concatenate([mixed, jax.lax.slice_in_dim(tile, extent, tile.shape[axis], axis=axis)], axis)
+
+
+def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: tuple[int, int], stride: tuple[int, int],
+          blend_extent: tuple[int, int], keep: tuple[int, int]) -> jax.Array:
+    """diffusers' tiled_encode/tiled_decode over [B, T, H, W, C]: `fn` per overlapping tile, blended, cropped.
+
+    Tiles start every `stride` in the input; outputs are blended against the tile above and then the tile to the left,
+    both already blended (diffusers mutates them in place), and each keeps its top-left `keep` rows/columns.
+    """
+    height, width = x.shape[2], x.shape[3]
+    rows = []
+    for i in range(0, height, stride[0]):
+        rows.append([fn(x[:, :, i:i + tile[0], j:j + tile[1]]) for j in range(0, width, stride[1])])
+    out_rows = []
+    for i, row in enumerate(rows):
+        for j in range(len(row)):
+            if i > 0:
+                row[j] = blend(rows[i - 1][j], row[j], blend_extent[0], axis=2)
+            if j > 0:
+                row[j] = blend(row[j - 1], row[j], blend_extent[1], axis=3)
+        out_rows.append(jnp.concatenate([t[:, :, :keep[0], :keep[1]] for t in row], axis=3))
+    return jnp.concatenate(out_rows, axis=2)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Small modules
+
+
+def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...]):
+    return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
+
+
+class Conv(nn.Module):
+    """Conv over the trailing spatial axes of channels-last input; `padding` per spatial axis as (low, high).
+
+    Kernel `[*kernel_size, in, out]` with logical axes (None..., CONV_IN, CONV_OUT): the layout of torch Conv2d/3d
+    after the importer's CONV2D/CONV3D permutation.
+    """
+
+    features: int
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...] | None = None
+    padding: tuple[tuple[int, int], ...] | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        rank = len(self.kernel_size)
+        shape = (*self.kernel_size, x.shape[-1], self.features)
+        kernel = _param(self, "kernel", nn.initializers.lecun_normal(), shape,
+                        (axes.CONV_SPACE,) * rank + (axes.CONV_IN, axes.CONV_OUT))
+        bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (axes.CONV_OUT,))
+        spatial = "DHW"[3 - rank:]
+        y = jax.lax.conv_general_dilated(
+            x.astype(self.dtype), kernel.astype(self.dtype),
+            window_strides=self.strides or (1,) * rank,
+            padding=self.padding or ((0, 0),) * rank,
+            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+        return y + bias.astype(self.dtype)
+
+
+class GroupNorm(nn.Module):
+    """torch.nn.GroupNorm over [B, T, H, W, C] in fp32 (biased variance, eps inside the sqrt), cast back."""
+
+    groups: int
+    epsilon: float = 1e-6
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dtype, channels = x.dtype, x.shape[-1]
+        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, channels // self.groups)
+        reduce = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
+        mean = jnp.mean(grouped, axis=reduce, keepdims=True)
+        var = jnp.mean(jnp.square(grouped - mean), axis=reduce, keepdims=True)
+        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        scale = _param(self, "scale", nn.initializers.ones, (channels,), (axes.NORM,))
+        bias = _param(self, "bias", nn.initializers.zeros, (channels,), (axes.NORM,))
+        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+
+
+class CausalConv3d(nn.Module):
+    """3x3x3 conv, causal in time: pads with the cache of the previous chunk, else k-1 copies of frame 0.
+
+    Returns (output, cache): the cache is the last k-1 frames of the time-padded input, for the next chunk.
+    """
+
+    features: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        k = self.kernel_size
+        past = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
+        x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
+        pad = (k - 1) // 2
+        conv = Conv(self.features, (k, k, k), padding=((0, 0), (pad, pad), (pad, pad)), dtype=self.dtype,
+                    param_dtype=self.param_dtype, name="conv")
+        return conv(x), x[:, x.shape[1] - (k - 1):]
+
+
+def pointwise_conv(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> Conv:
+    """1x1x1 Conv3d: needs no time padding, hence no cache."""
+    return Conv(features, (1, 1, 1), dtype=dtype, param_dtype=param_dtype, name=name)
+
+
+class SpatialNorm3D(nn.Module):
+    """GroupNorm(f) * conv_y(zq) + conv_b(zq), zq = latent nearest-resized to f (frame 0 on its own for odd T > 1)."""
+
+    groups: int
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, f: jax.Array, zq: jax.Array) -> jax.Array:
+        frames, size = f.shape[1], f.shape[2:4]
+        if frames > 1 and frames % 2 == 1:
+            zq = jnp.concatenate([resize_nearest(zq[:, :1], (1, *size)),
+                                  resize_nearest(zq[:, 1:], (frames - 1, *size))], axis=1)
+        else:
+            zq = resize_nearest(zq, (frames, *size))
+        channels = f.shape[-1]
+        y = pointwise_conv(channels, "conv_y", self.dtype, self.param_dtype)(zq)
+        b = pointwise_conv(channels, "conv_b", self.dtype, self.param_dtype)(zq)
+        norm = GroupNorm(self.groups, 1e-6, self.param_dtype, name="norm_layer")(f)
+        return norm * y + b
+
+
+class ResnetBlock3D(nn.Module):
+    """norm1 -> SiLU -> causal conv1 -> norm2 -> SiLU -> causal conv2, plus a 1x1x1 shortcut when widths differ.
+
+    Encoder blocks use GroupNorm (`spatial_norm=False`); decoder blocks SpatialNorm3D on the latent `zq`.
+    """
+
+    features: int
+    groups: int
+    epsilon: float
+    spatial_norm: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _norm(self, name: str, x: jax.Array, zq: jax.Array | None) -> jax.Array:
+        if self.spatial_norm:
+            return SpatialNorm3D(self.groups, self.dtype, self.param_dtype, name=name)(x, zq)
+        return GroupNorm(self.groups, self.epsilon, self.param_dtype, name=name)(x)
+
+    @nn.compact
+    def __call__(self, x: jax.Array, zq: jax.Array | None, cache: Cache | None) -> tuple[jax.Array, Cache]:
+        cache = cache or {}
+        new_cache = {}
+        h = nn.silu(self._norm("norm1", x, zq))
+        h, new_cache["conv1"] = CausalConv3d(self.features, self.dtype, self.param_dtype, name="conv1")(
+            h, cache.get("conv1"))
+        h = nn.silu(self._norm("norm2", h, zq))
+        h, new_cache["conv2"] = CausalConv3d(self.features, self.dtype, self.param_dtype, name="conv2")(
+            h, cache.get("conv2"))
+        if x.shape[-1] != self.features:
+            x = pointwise_conv(self.features, "conv_shortcut", self.dtype, self.param_dtype)(x)
+        return h + x.astype(h.dtype), new_cache
+
+
+class Downsample3D(nn.Module):
+    """Optional time halving (odd T: frame 0 kept, later pairs averaged), then a per-frame 3x3 stride-2 Conv2d.
+
+    The conv zero-pads only right and bottom by one, as the reference does.
+    """
+
+    features: int
+    compress_time: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        if self.compress_time:
+            first, rest = (x[:, :1], x[:, 1:]) if x.shape[1] % 2 == 1 else (x[:, :0], x)
+            pairs = rest.reshape(rest.shape[0], rest.shape[1] // 2, 2, *rest.shape[2:])
+            x = jnp.concatenate([first, (pairs[:, :, 0] + pairs[:, :, 1]) / 2], axis=1)
+        b, t = x.shape[:2]
+        frames = x.reshape(b * t, *x.shape[2:])
+        y = Conv(self.features, (3, 3), strides=(2, 2), padding=((0, 1), (0, 1)), dtype=self.dtype,
+                 param_dtype=self.param_dtype, name="conv")(frames)
+        return y.reshape(b, t, *y.shape[1:])
+
+
+class Upsample3D(nn.Module):
+    """Nearest x2 in space, and in time when `compress_time` and T > 1 (odd T: frame 0 only in space), then Conv2d."""
+
+    features: int
+    compress_time: bool
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        frames = x.shape[1]
+        if self.compress_time and frames > 1:
+            if frames % 2 == 1:
+                x = jnp.concatenate([upsample_space(x[:, :1]), jnp.repeat(upsample_space(x[:, 1:]), 2, axis=1)],
+                                    axis=1)
+            else:
+                x = jnp.repeat(upsample_space(x), 2, axis=1)
+        else:
+            x = upsample_space(x)
+        b, t = x.shape[:2]
+        y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=self.param_dtype,
+                 name="conv")(x.reshape(b * t, *x.shape[2:]))
+        return y.reshape(b, t, *y.shape[1:])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Encoder and decoder (one frame chunk each)
+
+
+class Encoder(nn.Module):
+    """One frame chunk `[B, T, H, W, in_channels]` -> (moments `[B, T', H/8, W/8, 2 * latent_channels]`, cache)."""
+
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cache = cache or {}
+        new_cache: dict[str, Any] = {}
+        h, new_cache["conv_in"] = CausalConv3d(cfg.block_out_channels[0], **kw, name="conv_in")(
+            x, cache.get("conv_in"))
+        levels = len(cfg.block_out_channels)
+        for i, channels in enumerate(cfg.block_out_channels):
+            name = f"down_blocks_{i}"
+            h, new_cache[name] = self._resnets(h, channels, cfg.layers_per_block, name, cache.get(name))
+            if i < levels - 1:
+                h = Downsample3D(channels, i < cfg.temporal_compress_level, **kw, name=f"{name}_downsample")(h)
+        h, new_cache["mid_block"] = self._resnets(h, cfg.block_out_channels[-1], 2, "mid_block",
+                                                  cache.get("mid_block"))
+        h = nn.silu(GroupNorm(cfg.norm_num_groups, 1e-6, self.param_dtype, name="norm_out")(h))
+        h, new_cache["conv_out"] = CausalConv3d(2 * cfg.latent_channels, **kw, name="conv_out")(
+            h, cache.get("conv_out"))
+        return h, new_cache
+
+    def _resnets(self, h: jax.Array, channels: int, count: int, block: str, cache: Cache | None):
+        cache = cache or {}
+        new_cache = {}
+        for r in range(count):
+            name = f"resnets_{r}"
+            h, new_cache[name] = ResnetBlock3D(channels, self.config.norm_num_groups, self.config.norm_eps,
+                                               dtype=self.dtype, param_dtype=self.param_dtype,
+                                               name=f"{block}_{name}")(h, None, cache.get(name))
+        return h, new_cache
+
+
+class Decoder(nn.Module):
+    """One latent chunk `[B, T, h, w, latent_channels]` -> (video `[B, T', 8h, 8w, out_channels]`, cache)."""
+
+    config: VAEConfig
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, z: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+        cfg, kw = self.config, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        cache = cache or {}
+        new_cache: dict[str, Any] = {}
+        z = z.astype(self.dtype)
+        widths = tuple(reversed(cfg.block_out_channels))
+        h, new_cache["conv_in"] = CausalConv3d(widths[0], **kw, name="conv_in")(z, cache.get("conv_in"))
+        h, new_cache["mid_block"] = self._resnets(h, z, widths[0], 2, "mid_block", cache.get("mid_block"))
+        for i, channels in enumerate(widths):
+            name = f"up_blocks_{i}"
+            h, new_cache[name] = self._resnets(h, z, channels, cfg.layers_per_block + 1, name, cache.get(name))
+            if i < len(widths) - 1:
+                h = Upsample3D(channels, i < cfg.temporal_compress_level, **kw, name=f"{name}_upsample")(h)
+        h = nn.silu(SpatialNorm3D(cfg.norm_num_groups, **kw, name="norm_out")(h, z))
+        h, new_cache["conv_out"] = CausalConv3d(cfg.out_channels, **kw, name="conv_out")(h, cache.get("conv_out"))
+        return h, new_cache
+
+    def _resnets(self, h: jax.Array, z: jax.Array, channels: int, count: int, block: str, cache: Cache | None):
+        cache = cache or {}
+        new_cache = {}
+        for r in range(count):
+            name = f"resnets_{r}"
+            h, new_cache[name] = ResnetBlock3D(channels, self.config.norm_num_groups, self.config.norm_eps,
+                                               spatial_norm=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                                               name=f"{block}_{name}")(h, z, cache.get(name))
+        return h, new_cache
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Posterior and the model
+
+
+@flax.struct.dataclass
+class DiagonalGaussian:
+    """The encoder's posterior: `mean` and `logvar` (clamped to [-30, 20]), both `[B, T, h, w, latent_channels]`."""
+
+    mean: jax.Array
+    logvar: jax.Array
+
+    @classmethod
+    def from_moments(cls, moments: jax.Array) -> "DiagonalGaussian":
+        mean, logvar = jnp.split(moments, 2, axis=-1)
+        return cls(mean, jnp.clip(logvar, *LOGVAR_RANGE))
+
+    @property
+    def std(self) -> jax.Array:
+        return jnp.exp(0.5 * self.logvar)
+
+    def mode(self) -> jax.Array:
+        return self.mean
+
+    def sample(self, key: jax.Array) -> jax.Array:
+        """mean + std * N(0, 1) drawn from `key`."""
+        return self.sample_with(jax.random.normal(key, self.mean.shape, self.mean.dtype))
+
+    def sample_with(self, noise: jax.Array) -> jax.Array:
+        """mean + std * `noise`, for callers (parity, tests) that bring their own standard normal draws."""
+        return self.mean + self.std * noise.astype(self.mean.dtype)
+
+
+def _chunked(module: nn.Module, x: jax.Array, chunk: int) -> jax.Array:
+    """Runs `module(x, cache) -> (y, cache)` over diffusers' frame chunks of `x` (axis 1), carrying the cache.
+
+    The first chunk runs alone (it creates the cache); the equal-sized rest run under `nn.scan`.
+    """
+    first, size, count = chunk_sizes(x.shape[1], chunk)
+    y, cache = module(x[:, :first])
+    if count == 0:
+        return y
+    rest = x[:, first:].reshape(x.shape[0], count, size, *x.shape[2:]).swapaxes(0, 1)
+
+    def step(mdl: nn.Module, carry: Cache, piece: jax.Array) -> tuple[Cache, jax.Array]:
+        out, carry = mdl(piece, carry)
+        return carry, out
+
+    scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False})
+    _, ys = scan(module, cache, rest)  # [count, B, t, ...]
+    ys = ys.swapaxes(0, 1).reshape(ys.shape[1], count * ys.shape[2], *ys.shape[3:])
+    return jnp.concatenate([y, ys.astype(y.dtype)], axis=1)
+
+
+class AutoencoderKLCogVideoX(nn.Module):
+    """The CogVideoX VAE; `encoder_only=True` builds just the encoder (the pose guider).
+
+    Parameters live under `encoder/...` and `decoder/...` (see `a1_jax.weights.vae`). Methods (use with
+    `module.apply({'params': params}, x, method=...)`):
+
+    * `encode(video [B, T, H, W, C], tiling=False) -> DiagonalGaussian` over latents `[B, 1 + (T-1)//4, H/8, W/8, 16]`
+      (5B geometry; T = 1 + 4k frames is the intended input).
+    * `decode(latents, tiling=False) -> video [B, T', H, W, C]` with exactly diffusers' frame count (13 latents ->
+      49 frames; an even 2-latent chunk gives 8 frames).
+    * `__call__(video)`: decode(encode(video).mode()) (or the posterior alone when `encoder_only`).
+    """
+
+    config: VAEConfig
+    encoder_only: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.encoder = Encoder(self.config, **kw)
+        if not self.encoder_only:
+            self.decoder = Decoder(self.config, **kw)
+
+    # Tile geometry of diffusers' enable_tiling() defaults: half the config's sample size, in pixels and latents.
+    @property
+    def tile_sample(self) -> tuple[int, int]:
+        return self.config.sample_height // 2, self.config.sample_width // 2
+
+    @property
+    def tile_latent(self) -> tuple[int, int]:
+        s = self.config.spatial_compression
+        return int(self.tile_sample[0] / s), int(self.tile_sample[1] / s)
+
+    def encode(self, x: jax.Array, tiling: bool = False) -> DiagonalGaussian:
+        x = x.astype(self.dtype)
+
+        def run(piece: jax.Array) -> jax.Array:
+            return _chunked(self.encoder, piece, ENCODE_CHUNK_FRAMES)
+
+        sample, latent = self.tile_sample, self.tile_latent
+        if tiling and (x.shape[3] > sample[1] or x.shape[2] > sample[0]):
+            blend_extent = (int(latent[0] * TILE_OVERLAP_HEIGHT), int(latent[1] * TILE_OVERLAP_WIDTH))
+            moments = tiled(run, x, tile=sample,
+                            stride=(int(sample[0] * (1 - TILE_OVERLAP_HEIGHT)),
+                                    int(sample[1] * (1 - TILE_OVERLAP_WIDTH))),
+                            blend_extent=blend_extent,
+                            keep=(latent[0] - blend_extent[0], latent[1] - blend_extent[1]))
+        else:
+            moments = run(x)
+        return DiagonalGaussian.from_moments(moments)
+
+    def decode(self, z: jax.Array, tiling: bool = False) -> jax.Array:
+        if self.encoder_only:
+            raise ValueError("this VAE was built with encoder_only=True and has no decoder")
+
+        def run(piece: jax.Array) -> jax.Array:
+            return _chunked(self.decoder, piece, DECODE_CHUNK_FRAMES)
+
+        sample, latent = self.tile_sample, self.tile_latent
+        if tiling and (z.shape[3] > latent[1] or z.shape[2] > latent[0]):
+            blend_extent = (int(sample[0] * TILE_OVERLAP_HEIGHT), int(sample[1] * TILE_OVERLAP_WIDTH))
+            return tiled(run, z, tile=latent,
+                         stride=(int(latent[0] * (1 - TILE_OVERLAP_HEIGHT)),
+                                 int(latent[1] * (1 - TILE_OVERLAP_WIDTH))),
+                         blend_extent=blend_extent,
+                         keep=(sample[0] - blend_extent[0], sample[1] - blend_extent[1]))
+        return run(z)
+
+    def __call__(self, x: jax.Array, tiling: bool = False) -> DiagonalGaussian | jax.Array:
+        posterior = self.encode(x, tiling)
+        return posterior if self.encoder_only else self.decode(posterior.mode(), tiling)
+
+
+def abstract_params(config: VAEConfig, encoder_only: bool = False, param_dtype: Dtype = jnp.float32) -> Any:
+    """The (boxed) parameter tree of `AutoencoderKLCogVideoX` as ShapeDtypeStructs, without allocating weights."""
+    model = AutoencoderKLCogVideoX(config, encoder_only=encoder_only, param_dtype=param_dtype)
+    side = config.spatial_compression
+    video = jax.ShapeDtypeStruct((1, 1, side, side, config.in_channels), jnp.float32)
+    return jax.eval_shape(model.init, jax.random.key(0), video)["params"]

@@ -1,0 +1,168 @@
+"""Reference image + driving video -> control video `[T, 480, 720, 3]` for the pose guider (spec §1.3–1.6, §9.1).
+
+Two passes over the driving video, both streaming: the first detects landmarks in every sampled frame (a few KB a
+frame are kept, so faceless frames can be filled from both sides), the second draws and writes. Memory stays
+bounded for any length.
+
+Frame order. Frame 0 is always the reference's own landmarks. One clip (`max_frames=N`, N=49 in the reference)
+then holds N-1 driving frames `[f0, f0, f1, …, f_{N-3}]` (the reference duplicates f0), padded with the last sampled
+frame when the video is short; long mode (`max_frames=None`) holds every sampled frame once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+import time
+from typing import Iterator
+
+import cv2
+import numpy as np
+
+from a1_jax.errors import UserError
+from a1_jax.io.video import TARGET_FPS, VideoWriter, probe_video, read_frames, read_image, resample_indices, write_png
+from a1_jax.motion import draw, retarget
+from a1_jax.motion.landmarker import Landmarker, find_landmarker_model
+from a1_jax.motion.reference import ReferenceFace, prepare_reference
+
+_POINTS = 478
+
+
+def clip_order(num_sampled: int, max_frames: int | None) -> np.ndarray:
+    """For each driving control frame (frames 1..T-1), the index of the 12-fps sampled frame it shows."""
+    if max_frames is None:
+        return np.arange(num_sampled)
+    if max_frames < 2:
+        raise UserError(f"--max-frames must be at least 2 (the reference frame and one driving frame), got {max_frames}")
+    order = np.concatenate([[0], np.arange(max_frames - 2)])
+    return np.minimum(order, num_sampled - 1)
+
+
+@dataclasses.dataclass(frozen=True)
+class MotionPlan:
+    """Everything the drawing pass needs: the reference, where each control frame comes from, the driver's motion."""
+
+    reference: ReferenceFace
+    driving_path: str
+    source_indices: np.ndarray  # [S] source-video frame index of each sampled frame used
+    order: np.ndarray  # [T-1] sampled-frame index of each driving control frame
+    driving_points: np.ndarray  # [S, 478, 3] pixels of the driving frame, faceless frames filled
+    driving_transforms: np.ndarray  # [S, 4, 4]
+    faces_found: int
+    frames_filled: int
+
+    @property
+    def num_frames(self) -> int:
+        return 1 + len(self.order)
+
+
+def _progress(iterable, total: int, description: str, enabled: bool):
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    # disable=None: a bar on a terminal only, so redirected stderr keeps just the one-line errors
+    return tqdm(iterable, total=total, desc=description, unit="frame", leave=False, disable=None)
+
+
+def plan_motion(reference_image: np.ndarray, driving_path: str, *, landmarker_path: str | None = None,
+                max_frames: int | None = None, progress: bool = False, reference_name: str = "the reference image",
+                min_confidence: float = 0.5) -> MotionPlan:
+    """Detect the reference face and the driver's landmarks in every sampled frame a control video needs."""
+    model = find_landmarker_model(landmarker_path)
+    info = probe_video(driving_path)
+    sampled = resample_indices(info.num_frames, info.fps)
+    order = clip_order(len(sampled), max_frames)
+    used = sampled[:int(order.max()) + 1] if len(order) else sampled[:1]
+
+    with Landmarker(model, video=False, min_confidence=min_confidence) as landmarker:
+        reference = prepare_reference(reference_image, landmarker, reference_name)
+
+    points = np.zeros((len(used), _POINTS, 3), np.float32)
+    transforms = np.tile(np.eye(4, dtype=np.float32), (len(used), 1, 1))
+    found = np.zeros(len(used), bool)
+    decoded = 0
+    with Landmarker(model, video=True, min_confidence=min_confidence) as landmarker:
+        frames = read_frames(driving_path, used)
+        for i, (frame, index) in enumerate(_progress(zip(frames, used), len(used), "landmarks", progress)):
+            decoded = i + 1
+            face = landmarker.detect(frame, int(round(index * 1000 / info.fps)))
+            if face is not None:
+                points[i], transforms[i], found[i] = face.points, face.transform, True
+    if decoded < len(used):  # the container promised more frames than it holds: treat the rest as faceless
+        found[decoded:] = False
+    missing = int((~found).sum())
+    if missing * 2 > len(used):
+        raise UserError(f"no face in {missing} of {len(used)} sampled frames of {driving_path}: the driving video "
+                        "needs a visible face in at least half of its frames")
+    return MotionPlan(reference=reference, driving_path=driving_path, source_indices=used, order=order,
+                      driving_points=retarget.fill_missing(points, found),
+                      driving_transforms=retarget.fill_missing(transforms, found),
+                      faces_found=int(found.sum()), frames_filled=missing)
+
+
+def render_control(plan: MotionPlan, *, motion: str = "relative", expression_scale: float = 1.0,
+                   progress: bool = False) -> Iterator[np.ndarray]:
+    """The control frames one by one, each uint8 `[480, 720, 3]`: the reference's landmarks, then the driver's."""
+    reference = plan.reference
+    yield draw.paste(draw.draw_face(reference.normalised[:, :2], _reference_pupils(reference),
+                                    reference.box.width, reference.box.height, draw.REFERENCE_STYLE), reference.box)
+    points = retarget.retarget(reference.points, reference.transform, plan.driving_points,
+                               plan.driving_transforms, motion=motion, expression_scale=expression_scale)
+    pupils = retarget.transfer_pupils(plan.driving_points, points)
+    cache: tuple[int, np.ndarray] | None = None  # clip order repeats sampled frames back to back
+    for sample in _progress(plan.order, len(plan.order), "drawing", progress):
+        if cache is None or cache[0] != sample:
+            cache = (sample, draw.control_frame(points[sample], pupils[sample], reference.box, draw.DRIVING_STYLE))
+        yield cache[1]
+
+
+def _reference_pupils(reference: ReferenceFace) -> np.ndarray:
+    """Pupils of the 2-D reference landmarks in crop pixels (the reference's int() of the normalised point)."""
+    size = (reference.box.width, reference.box.height)
+    return reference.normalised[[retarget.RIGHT_PUPIL, retarget.LEFT_PUPIL], :2] * size
+
+
+def control_video(reference_image: np.ndarray, driving_path: str, *, landmarker_path: str | None = None,
+                  max_frames: int | None = 49, motion: str = "relative", expression_scale: float = 1.0) -> np.ndarray:
+    """The control video as one uint8 array `[T, 480, 720, 3]` (one 49-frame clip by default)."""
+    plan = plan_motion(reference_image, driving_path, landmarker_path=landmarker_path, max_frames=max_frames)
+    return np.stack(list(render_control(plan, motion=motion, expression_scale=expression_scale)))
+
+
+def _preview_frames(plan: MotionPlan, control: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(side by side, control frame): reference canvas | driving frame scaled to 480 high | control frame."""
+    frame_indices = np.concatenate([[0], plan.order])  # frame 0 shows the driver's first frame
+    driving = read_frames(plan.driving_path, plan.source_indices[frame_indices])
+    for frame, control_frame in zip(driving, control):
+        height, width = frame.shape[:2]
+        scaled_width = 2 * max(1, round(draw.CANVAS_HEIGHT * width / height / 2))  # even, for yuv420p
+        scaled = cv2.resize(frame, (scaled_width, draw.CANVAS_HEIGHT), interpolation=cv2.INTER_AREA)
+        yield np.concatenate([plan.reference.canvas, scaled, control_frame], axis=1), control_frame
+
+
+def run_landmarks(args) -> dict:
+    """`a1-jax landmarks`: write the control mp4 (12 fps), optional PNG frames and preview; report counts."""
+    start = time.perf_counter()
+    image = read_image(args.ref)
+    with contextlib.ExitStack() as stack:  # writers first: a bad output path fails before any detection
+        writer = stack.enter_context(VideoWriter(args.out, TARGET_FPS))
+        preview = stack.enter_context(VideoWriter(args.preview, TARGET_FPS)) if args.preview else None
+        if args.frames_dir:
+            os.makedirs(args.frames_dir, exist_ok=True)
+        plan = plan_motion(image, args.driving, landmarker_path=args.landmarker, max_frames=args.max_frames,
+                           progress=True, reference_name=args.ref)
+        control = render_control(plan, motion=args.motion, expression_scale=args.expression_scale, progress=True)
+        pairs = _preview_frames(plan, control) if preview is not None else ((None, frame) for frame in control)
+        count = 0
+        for side_by_side, frame in pairs:
+            writer.write(frame)
+            if preview is not None:
+                preview.write(side_by_side)
+            if args.frames_dir:
+                write_png(os.path.join(args.frames_dir, f"{count:05d}.png"), frame)
+            count += 1
+    return {"frames": count, "fps": TARGET_FPS, "faces_found": plan.faces_found,
+            "frames_filled": plan.frames_filled, "seconds": round(time.perf_counter() - start, 3),
+            "ok": count == plan.num_frames}

@@ -1,0 +1,108 @@
+"""Meshes from presets, logical-axis rules, and sharding helpers.
+
+A preset (`configs/mesh/*.json`) names the size of each mesh axis (`data`, `fsdp`, `tensor`, `sequence`; one may be
+-1 = the devices left over) and lists `[logical name, mesh axis or axes]` rules in priority order. Flax assigns the
+first rule whose mesh axes are still free in that array, so one logical name may have fallbacks and `batch` and
+`embed` can share `fsdp` (activations shard on batch, parameters on embed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import pathlib
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from a1_jax.config import read_json
+from a1_jax.errors import UserError
+
+MESH_AXES = ("data", "fsdp", "tensor", "sequence")
+PRESETS = pathlib.Path(__file__).resolve().parents[2] / "configs" / "mesh"
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshPreset:
+    """Axis sizes (`-1` = the rest) and logical-axis rules, as read from a preset JSON."""
+
+    sizes: dict[str, int]
+    rules: Rules
+
+
+def load_preset(name_or_path: str | os.PathLike) -> MeshPreset:
+    """Reads a preset by name (`single`, `fsdp`, `fsdp_tensor`, ... in `configs/mesh/`) or by path."""
+    path = pathlib.Path(name_or_path)
+    if not path.suffix and not path.exists():
+        path = PRESETS / f"{path}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESETS.glob("*.json"))
+            raise UserError(f"unknown mesh preset {name_or_path!r}; known presets: {', '.join(known)}")
+    data = read_json(path)
+    sizes = data.get("mesh", {})
+    if set(sizes) != set(MESH_AXES) or not all(isinstance(v, int) and (v > 0 or v == -1) for v in sizes.values()):
+        raise UserError(f"{path}: 'mesh' must give a positive size (or -1) for each of {MESH_AXES}; got {sizes}")
+    rules = []
+    for rule in data.get("rules", []):
+        if not (isinstance(rule, list) and len(rule) == 2 and isinstance(rule[0], str)):
+            raise UserError(f"{path}: each rule must be [logical name, mesh axis or list of axes]; got {rule}")
+        target = tuple(rule[1]) if isinstance(rule[1], list) else rule[1]
+        unknown = {target} - {None, *MESH_AXES} if not isinstance(target, tuple) else set(target) - set(MESH_AXES)
+        if unknown:
+            raise UserError(f"{path}: rule {rule} names unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+        rules.append((rule[0], target))
+    return MeshPreset(sizes={axis: sizes[axis] for axis in MESH_AXES}, rules=tuple(rules))
+
+
+def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
+    """Axis sizes in `MESH_AXES` order with the one `-1` resolved; UserError if they cannot tile the devices."""
+    fixed = math.prod(v for v in sizes.values() if v != -1)
+    free = [axis for axis, v in sizes.items() if v == -1]
+    if len(free) > 1:
+        raise UserError(f"at most one mesh axis may be -1; got {free}")
+    if device_count % fixed:
+        raise UserError(f"mesh {sizes} does not divide {device_count} devices")
+    resolved = {**sizes, **{axis: device_count // fixed for axis in free}}
+    if math.prod(resolved.values()) != device_count:
+        raise UserError(f"mesh {resolved} uses {math.prod(resolved.values())} devices, but {device_count} are present")
+    return tuple(resolved[axis] for axis in MESH_AXES)
+
+
+def make_mesh(preset: MeshPreset, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A `Mesh` with axes `MESH_AXES` over `devices` (default: all)."""
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(preset.sizes, len(devices))
+    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def logical_specs(boxed_tree: Any) -> Any:
+    """PartitionSpecs of logical names for every leaf of a boxed tree (e.g. `jax.eval_shape(model.init, ...)`).
+
+    A leaf that carries no logical names is an error: every parameter must say how it may be sharded.
+    """
+    unannotated = [jax.tree_util.keystr(path) for path, leaf in jax.tree_util.tree_leaves_with_path(
+        boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned)) if not isinstance(leaf, nn.Partitioned)]
+    if unannotated:
+        raise ValueError(f"parameters without logical axis names: {unannotated}")
+    return nn.get_partition_spec(boxed_tree)
+
+
+def shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """`NamedSharding`s on `mesh` for every leaf of a boxed tree, through the logical-axis `rules`."""
+    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+
+
+def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules) -> NamedSharding:
+    """The sharding of one array (e.g. an input batch) from its logical axis names."""
+    return NamedSharding(mesh, PartitionSpec(*nn.logical_to_mesh_axes(tuple(logical_axes), rules)))
+
+
+def shard(tree: Any, tree_shardings: Any) -> Any:
+    """Places every leaf of `tree` (host arrays or single-device arrays) with its sharding."""
+    return jax.tree_util.tree_map(jax.device_put, tree, tree_shardings)
