@@ -17,7 +17,7 @@ from safetensors.numpy import save_file
 
 from a1_jax.config import DiTConfig, from_mapping
 from a1_jax.errors import UserError
-from a1_jax.models import dit
+from a1_jax.models import dit, layers
 from a1_jax.parity import FP32_TOLERANCE, fp32_reference, to_numpy
 from a1_jax.parity import dit as dit_parity
 from a1_jax.weights import import_params, open_checkpoint, plan_import
@@ -43,6 +43,7 @@ PARITY_CASES = {
     "4 heads x 16": (dict(num_attention_heads=4, attention_head_dim=16), {}),
     "3 heads x 16, sincos": (dict(num_attention_heads=3, attention_head_dim=16, use_rotary_positional_embeddings=False,
                                   use_learned_positional_embeddings=False), dict(frames=3)),
+    "blockwise attention kernel": (dict(), dict(attention_kernel="blockwise")),
 }
 
 
@@ -51,6 +52,16 @@ def test_parity_tiny(case):
     overrides, geometry = PARITY_CASES[case]
     result = dit_parity.check(tiny(**overrides), seed=1, name=case, **geometry)
     assert result["max_rel_err"] <= FP32_TOLERANCE, result
+
+
+def test_blockwise_attention_equals_one_shot_attention():
+    """Uneven query blocks (2050 rows -> 3 blocks of 684, 2 padded) give the one-shot result; `auto` picks it."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(2 * rng.standard_normal((1, 2050, 2, 16), dtype=np.float32)) for _ in range(3))
+    expected = layers.attention(q, k, v, kernel="xla")
+    for kernel in ("blockwise", "auto"):
+        got = layers.attention(q, k, v, kernel=kernel)
+        assert float(jnp.max(jnp.abs(got - expected)) / jnp.max(jnp.abs(expected))) <= FP32_TOLERANCE
 
 
 def _block_state(block, prefix="transformer_blocks.0."):

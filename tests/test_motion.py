@@ -15,7 +15,7 @@ from a1_jax.io import probe_video, read_frames, read_image, resample_indices, wr
 from a1_jax.motion import draw, retarget
 from a1_jax.motion.landmarker import Landmarker
 from a1_jax.motion.pipeline import clip_order, plan_motion, render_control
-from a1_jax.motion.reference import crop_and_resize, face_box, landmark_box
+from a1_jax.motion.reference import crop_and_resize, face_box
 
 DRIVERS = ("drive_1", "drive_4", "drive_7")
 INNER_LIP = [78, 95, 88, 178, 87, 14, 317, 402, 318, 324, 308, 415, 310, 311, 312, 13, 82, 81, 80, 191]
@@ -123,7 +123,7 @@ def _rotated(points, transform, rotation):
     return (points - center) @ rotation.T + center, turned
 
 
-def test_retarget_carries_relative_rotation_and_expression(clips):
+def test_retarget_composes_the_relative_smoothed_rotation(clips):
     plan, _ = clips["drive_7"]
     source = plan.reference.points
     driver, transform = plan.driving_points[0].astype(np.float64), plan.driving_transforms[0]

@@ -24,7 +24,7 @@ from a1_jax.motion.landmarker import detect_image
 from a1_jax.parallel import axes
 from a1_jax.parity import FP32_TOLERANCE
 from a1_jax.parity import siglip as siglip_parity
-from a1_jax.weights.siglip import plan
+from a1_jax.weights.siglip import load_siglip, plan
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY = REPO / "configs" / "siglip_tiny.json"
@@ -82,6 +82,11 @@ def test_parity_from_a_saved_full_siglip_model(tmp_path):
     result = siglip_parity.parity(_args(tmp_path / "config.json", checkpoint=tmp_path))
     assert result["max_rel_err"] <= FP32_TOLERANCE, result
     assert result["skipped"] == {"text_model\\..*": 22, "logit_(?:scale|bias)": 2, "(?:vision_model\\.)?head\\..*": 11}
+    # The inference loader: geometry from the folder's full-model config.json, weights from its safetensors.
+    tower, params = load_siglip(tmp_path, remat="full")
+    assert tower.config == SiglipConfig.from_json(TINY) and tower.remat == "full"
+    kernel = model.vision_model.encoder.layers[1].mlp.fc1.weight.detach().numpy()
+    np.testing.assert_array_equal(params["encoder"]["fc1"]["kernel"][1], kernel.T)
 
 
 def test_block_layout_params_are_stacked_and_annotated():

@@ -18,22 +18,64 @@ from a1_jax.parallel import axes
 
 Dtype = Any
 
-ATTENTION_KERNELS = ("auto", "xla", "cudnn", "splash")
+ATTENTION_KERNELS = ("auto", "xla", "cudnn", "blockwise", "splash")
+
+# Query rows per block of the blockwise kernel: a 1024 x keys fp32 logits block stays cache-friendly on CPU.
+_QUERY_BLOCK = 1024
+# `auto` on CPU switches to the blockwise kernel from this many logits per (batch, head): below it the one-shot
+# XLA kernel is as fast and its [B, N, T, S] logits are small.
+_BLOCKWISE_MIN_LOGITS = 1 << 20
+
+
+def _blockwise_attention(q: jax.Array, k: jax.Array, v: jax.Array, scale: float) -> jax.Array:
+    """Exact softmax attention, one (batch, head, query block) at a time: never materialises [B, N, T, S] logits.
+
+    Every query row still sees all keys, so this is plain attention (not an online-softmax approximation of it);
+    logits, softmax and accumulation are fp32.
+    """
+    batch, length, heads, dim = q.shape
+    keys = k.shape[1]
+    blocks = -(-length // _QUERY_BLOCK)
+    block = -(-length // blocks)  # balanced blocks: at most `blocks - 1` padded rows
+    per_head = lambda x, rows: x.transpose(0, 2, 1, 3).reshape(batch * heads, rows, dim)
+    q_blocks = per_head(jnp.pad(q, ((0, 0), (0, blocks * block - length), (0, 0), (0, 0))), blocks * block)
+    q_blocks = q_blocks.reshape(batch * heads, blocks, block, dim)
+
+    def one_head(args: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        qh, kh, vh = args
+
+        def one_block(qb: jax.Array) -> jax.Array:
+            logits = jnp.einsum("td,sd->ts", qb, kh, preferred_element_type=jnp.float32) * scale
+            weights = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+            out = jnp.einsum("ts,sd->td", weights.astype(vh.dtype), vh, preferred_element_type=jnp.float32)
+            return (out / jnp.sum(weights, axis=-1, keepdims=True)).astype(q.dtype)  # normalise T x D, not T x S
+
+        return jax.lax.map(one_block, qh)
+
+    out = jax.lax.map(one_head, (q_blocks, per_head(k, keys), per_head(v, keys)))
+    return out.reshape(batch, heads, blocks * block, dim)[:, :, :length].transpose(0, 2, 1, 3)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
               scale: float | None = None) -> jax.Array:
     """Bidirectional attention over `[batch, length, heads, head_dim]`; one dispatcher for every model.
 
-    `auto`: cuDNN flash attention on GPU where it applies, XLA otherwise. `xla`/`cudnn` force one.
-    `splash`: the TPU splash kernel (hook: wired when TPU support lands).
+    `auto`: cuDNN flash attention on GPU where it applies; on CPU the blockwise kernel for long sequences, XLA
+    otherwise. `xla`/`cudnn`/`blockwise` force one. `splash`: the TPU splash kernel (hook: wired when TPU support
+    lands). Softmax is fp32 in every kernel.
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose from {ATTENTION_KERNELS}")
     if kernel == "splash":
         raise NotImplementedError("the TPU splash-attention kernel is not wired yet; use 'auto' or 'xla'")
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    backend = jax.default_backend()
+    if kernel == "auto" and backend == "cpu" and q.shape[1] * k.shape[1] >= _BLOCKWISE_MIN_LOGITS:
+        kernel = "blockwise"
+    if kernel == "blockwise":
+        return _blockwise_attention(q, k, v, scale)
     implementation = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[kernel]
-    if kernel == "auto" and not (jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)):
+    if kernel == "auto" and not (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)):
         implementation = "xla"  # cuDNN wants half precision on GPU; fp32 and CPU take the XLA path
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
 

@@ -53,7 +53,10 @@ def resize_nearest(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
             continue
         scale = np.float32(n / out)  # torch computes the ratio and the product in fp32
         index = np.minimum(np.floor(np.arange(out, dtype=np.float32) * scale).astype(np.int64), n - 1)
-        x = jnp.take(x, index, axis=axis)
+        if out % n == 0 and np.array_equal(index, np.arange(out) // (out // n)):
+            x = jnp.repeat(x, out // n, axis=axis)  # the same rows; a broadcast is cheaper than a gather
+        else:
+            x = jnp.take(x, index, axis=axis)
     return x
 
 
@@ -100,11 +103,18 @@ def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: tuple[int, i
 
     Tiles start every `stride` in the input; outputs are blended against the tile above and then the tile to the left,
     both already blended (diffusers mutates them in place), and each keeps its top-left `keep` rows/columns.
+    Tiles of equal shape (all interior ones) run as one batch: the VAE treats batch entries independently, and this
+    traces `fn` once per distinct shape (at most 4) instead of once per tile.
     """
-    height, width = x.shape[2], x.shape[3]
-    rows = []
-    for i in range(0, height, stride[0]):
-        rows.append([fn(x[:, :, i:i + tile[0], j:j + tile[1]]) for j in range(0, width, stride[1])])
+    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
+    origins = [(i, j) for i in range(0, height, stride[0]) for j in range(0, width, stride[1])]
+    pieces = {o: x[:, :, o[0]:o[0] + tile[0], o[1]:o[1] + tile[1]] for o in origins}
+    outputs = {}
+    for shape in dict.fromkeys(p.shape for p in pieces.values()):
+        group = [o for o in origins if pieces[o].shape == shape]
+        out = fn(jnp.concatenate([pieces[o] for o in group], axis=0))
+        outputs.update({o: out[k * batch:(k + 1) * batch] for k, o in enumerate(group)})
+    rows = [[outputs[(i, j)] for j in range(0, width, stride[1])] for i in range(0, height, stride[0])]
     out_rows = []
     for i, row in enumerate(rows):
         for j in range(len(row)):
@@ -118,6 +128,22 @@ def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: tuple[int, i
 
 # ----------------------------------------------------------------------------------------------------------------
 # Small modules
+
+
+def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
+                  padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """A time-valid 3D conv as the sum over time taps of per-frame 2D convs.
+
+    Same result as the 3D conv; XLA's CPU backend runs 2D convolutions 1.5-2.5x faster than 3D ones (measured on
+    the 5B VAE's 128-wide layers), so CPU uses this form.
+    """
+    taps, frames = kernel.shape[0], x.shape[1] - kernel.shape[0] + 1
+    out = None
+    for t in range(taps):
+        piece = x[:, t:t + frames].reshape(-1, *x.shape[2:])
+        y = jax.lax.conv_general_dilated(piece, kernel[t], strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        out = y if out is None else out + y
+    return out.reshape(x.shape[0], frames, *out.shape[1:])
 
 
 def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...]):
@@ -145,12 +171,17 @@ class Conv(nn.Module):
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), shape,
                         (axes.CONV_SPACE,) * rank + (axes.CONV_IN, axes.CONV_OUT))
         bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (axes.CONV_OUT,))
-        spatial = "DHW"[3 - rank:]
-        y = jax.lax.conv_general_dilated(
-            x.astype(self.dtype), kernel.astype(self.dtype),
-            window_strides=self.strides or (1,) * rank,
-            padding=self.padding or ((0, 0),) * rank,
-            dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+        x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
+        strides, padding = self.strides or (1,) * rank, self.padding or ((0, 0),) * rank
+        if all(k == 1 for k in self.kernel_size) and self.strides is None and self.padding is None:
+            y = jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]))  # pointwise: a plain matmul
+        elif rank == 3 and self.kernel_size[0] > 1 and strides[0] == 1 and padding[0] == (0, 0) \
+                and jax.default_backend() == "cpu":
+            y = _conv3d_as_2d(x, kernel, strides[1:], padding[1:])
+        else:
+            spatial = "DHW"[3 - rank:]
+            y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                             dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
         return y + bias.astype(self.dtype)
 
 

@@ -34,7 +34,8 @@ def clip_order(num_sampled: int, max_frames: int | None) -> np.ndarray:
     if max_frames is None:
         return np.arange(num_sampled)
     if max_frames < 2:
-        raise UserError(f"--max-frames must be at least 2 (the reference frame and one driving frame), got {max_frames}")
+        raise UserError(f"--max-frames must be at least 2 (the reference frame and one driving frame), "
+                        f"got {max_frames}")
     order = np.concatenate([[0], np.arange(max_frames - 2)])
     return np.minimum(order, num_sampled - 1)
 
