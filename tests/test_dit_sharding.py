@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec
 from a1_jax.config import DiTConfig
 from a1_jax.errors import UserError
 from a1_jax.models import dit
-from a1_jax.parallel import axes, load_preset, logical_sharding, logical_specs, make_mesh, shard, shardings
+from a1_jax.parallel import activate, axes, load_preset, logical_sharding, logical_specs, make_mesh, shard, shardings
 from a1_jax.parity import dit as dit_parity
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -89,12 +89,12 @@ def test_sharded_forward_equals_single_device():
     sharded_params = shard(params, param_shardings)
     sharded_inputs = shard(inputs, input_shardings)
     assert sharded_params["blocks"]["attn"]["to_q"]["kernel"].sharding.spec == PartitionSpec(None, "fsdp", "tensor")
-    with jax.set_mesh(mesh), nn.logical_axis_rules(preset.rules):
+    with activate(mesh, preset.rules):
         forward = jax.jit(model.apply, in_shardings=({"params": param_shardings}, *input_shardings),
                           out_shardings=input_shardings[0])
         got = forward({"params": sharded_params}, *sharded_inputs)
         hlo = forward.lower({"params": sharded_params}, *sharded_inputs).as_text()
     assert len(got.sharding.device_set) == 8
-    assert "sharding_constraint" in hlo  # the activation constraints reached the program (not only the argument shardings)
+    assert "sharding_constraint" in hlo  # activation constraints reached the program, not only argument shardings
     scale = float(jnp.max(jnp.abs(expected)))
     np.testing.assert_allclose(np.asarray(got), np.asarray(expected), rtol=0, atol=1e-5 * scale)

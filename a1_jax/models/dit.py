@@ -27,16 +27,10 @@ import numpy as np
 from a1_jax.config import DiTConfig
 from a1_jax.errors import UserError
 from a1_jax.models import layers
+from a1_jax.models.layers import REMAT_POLICIES
 from a1_jax.parallel import axes
 
 Dtype = Any
-
-REMAT_POLICIES = {
-    "none": None,  # keep every activation (inference, or memory to spare)
-    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the elementwise rest
-    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep only weight matmuls, not attention
-}
 
 
 # --- Geometry and static tables -------------------------------------------------------------------------------------
@@ -248,7 +242,7 @@ class DiTBlock(nn.Module):
 
 
 class PatchEmbed(nn.Module):
-    """Video latents -> per-frame `p×p` patch tokens; face tokens -> connector MLP -> `text_proj`; joint + positions."""
+    """Latents -> per-frame `p×p` patch tokens; face tokens -> connector MLP -> `text_proj`; joint + positions."""
 
     config: DiTConfig
     dtype: Dtype = jnp.float32
@@ -288,6 +282,7 @@ class PatchEmbed(nn.Module):
         if uses_learned_table(c, face_tokens, frames, height, width):
             x = jnp.concatenate([face, video], axis=1) + learned.astype(self.dtype)[None]
         else:
+            # Sin-cos without RoPE, and diffusers' fallback for a frame count the learned table does not cover.
             if not c.use_rotary_positional_embeddings or c.use_learned_positional_embeddings:
                 table = video_sincos_table(c, frames, grid_h, grid_w)
                 video = video + jnp.asarray(table, self.dtype)[None]

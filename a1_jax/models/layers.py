@@ -18,12 +18,20 @@ from a1_jax.parallel import axes
 
 Dtype = Any
 
+# `nn.remat` policies by name, shared by every scanned model.
+REMAT_POLICIES = {
+    "none": None,  # keep every activation (inference, or memory to spare)
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block in the backward pass
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # keep matmul outputs, recompute the elementwise rest
+    "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep only weight matmuls, not attention
+}
+
 ATTENTION_KERNELS = ("auto", "xla", "cudnn", "blockwise", "splash")
 
 # Query rows per block of the blockwise kernel: a 1024 x keys fp32 logits block stays cache-friendly on CPU.
 _QUERY_BLOCK = 1024
-# `auto` on CPU switches to the blockwise kernel from this many logits per (batch, head): below it the one-shot
-# XLA kernel is as fast and its [B, N, T, S] logits are small.
+# `auto` (off the cuDNN path) switches to the blockwise kernel from this many logits per (batch, head): below it
+# the one-shot XLA kernel is as fast and its [B, N, T, S] logits are small.
 _BLOCKWISE_MIN_LOGITS = 1 << 20
 
 
@@ -60,24 +68,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
               scale: float | None = None) -> jax.Array:
     """Bidirectional attention over `[batch, length, heads, head_dim]`; one dispatcher for every model.
 
-    `auto`: cuDNN flash attention on GPU where it applies; on CPU the blockwise kernel for long sequences, XLA
-    otherwise. `xla`/`cudnn`/`blockwise` force one. `splash`: the TPU splash kernel (hook: wired when TPU support
-    lands). Softmax is fp32 in every kernel.
+    `auto`: on GPU in half precision, cuDNN flash attention where it applies (XLA otherwise); elsewhere the
+    blockwise kernel for long sequences (it never materialises `[B, N, T, S]` logits) and XLA for short ones.
+    `xla`/`cudnn`/`blockwise` force one. `splash`: the TPU splash kernel (hook: wired when TPU support lands).
+    Softmax is fp32 in every kernel.
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose from {ATTENTION_KERNELS}")
     if kernel == "splash":
         raise NotImplementedError("the TPU splash-attention kernel is not wired yet; use 'auto' or 'xla'")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    backend = jax.default_backend()
-    if kernel == "auto" and backend == "cpu" and q.shape[1] * k.shape[1] >= _BLOCKWISE_MIN_LOGITS:
-        kernel = "blockwise"
+    if kernel == "auto":
+        if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+            return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)  # cuDNN, else XLA
+        kernel = "blockwise" if q.shape[1] * k.shape[1] >= _BLOCKWISE_MIN_LOGITS else "xla"
     if kernel == "blockwise":
         return _blockwise_attention(q, k, v, scale)
-    implementation = {"auto": None, "xla": "xla", "cudnn": "cudnn"}[kernel]
-    if kernel == "auto" and not (backend == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16)):
-        implementation = "xla"  # cuDNN wants half precision on GPU; fp32 and CPU take the XLA path
-    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=kernel)
 
 
 class LayerNorm(nn.Module):

@@ -19,7 +19,6 @@ Numerics follow diffusers' `AutoencoderKLCogVideoX` (installed 0.42.1; identical
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn

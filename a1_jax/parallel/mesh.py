@@ -8,11 +8,12 @@ first rule whose mesh axes are still free in that array, so one logical name may
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import pathlib
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -79,6 +80,13 @@ def make_mesh(preset: MeshPreset, devices: Sequence[jax.Device] | None = None) -
     devices = list(jax.devices() if devices is None else devices)
     shape = mesh_shape(preset.sizes, len(devices))
     return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Rules) -> Iterator[None]:
+    """Makes `mesh` and `rules` current, so `nn.with_logical_constraint` inside the models shards activations."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+        yield
 
 
 def logical_specs(boxed_tree: Any) -> Any:
