@@ -1,6 +1,7 @@
 """The DiT against diffusers' CogVideoX transformer (fp32, CPU): tiny geometries, one full-width block, the 5B
 importer on shapes alone, scan/remat layouts, the FLOP count, errors and the CLI."""
 
+import argparse
 import json
 import pathlib
 import subprocess
@@ -235,3 +236,13 @@ def test_cli_parity_end_to_end():
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["ok"] and result["component"] == "dit" and result["max_rel_err"] <= FP32_TOLERANCE
+
+
+def test_bench_reports_timings_flops_and_agreement():
+    args = argparse.Namespace(config=str(TINY), checkpoint=None, seed=0, batch=2, repeats=1, dtype="float32")
+    result = dit_parity.bench(args)
+    assert result["ok"] and result["max_rel_err"] <= FP32_TOLERANCE
+    assert result["jax_s"] > 0 and result["torch_s"] > 0 and result["compile_s"] > 0
+    assert result["speedup"] == pytest.approx(result["torch_s"] / result["jax_s"])
+    config = tiny()
+    assert result["flops"] == dit.forward_flops(config, 2, 3, 6, 8, config.max_text_seq_length)

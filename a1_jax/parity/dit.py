@@ -130,9 +130,9 @@ def check(config: DiTConfig, *, seed: int = 0, batch: int = 2, frames: int | Non
                                        **model_kw)
         ours = jax.jit(lambda p, *x: ours_model.apply({"params": p}, *x))(params, *inputs)
         with torch.no_grad():
-            latents, face, timestep = (torch.from_numpy(x) for x in inputs)
-            rope = reference_rope(config, *latents.shape[1:2], *latents.shape[3:])
-            ref = reference_forward(model, pose_proj, latents, face, timestep, rope)
+            _, frames, _, height, width = inputs[0].shape
+            rope = reference_rope(config, frames, height, width)
+            ref = reference_forward(model, pose_proj, *(torch.from_numpy(x) for x in inputs), rope)
     return report("dit", name, inputs[0].shape, {"v_prediction": (np.asarray(ours), to_numpy(ref))},
                   timesteps=inputs[2].tolist())
 
@@ -184,7 +184,8 @@ def bench(args: argparse.Namespace) -> dict:
                         torch.from_numpy(inputs[1]).to(device, torch_dtype), torch.from_numpy(inputs[2]).to(device)]
         sync = (lambda out: torch.cuda.synchronize()) if device == "cuda" else (lambda out: out)
         # RoPE tables are built once per video by the pipeline (ours are compile-time constants): not timed.
-        rope = reference_rope(config, *inputs[0].shape[1:2], *inputs[0].shape[3:], device=device)
+        _, frames, _, height, width = inputs[0].shape
+        rope = reference_rope(config, frames, height, width, device=device)
         if device == "cuda":
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats()
@@ -195,7 +196,6 @@ def bench(args: argparse.Namespace) -> dict:
         if device == "cuda":
             memory["torch_peak_bytes"] = float(torch.cuda.max_memory_allocated())
 
-    _, frames, _, height, width = inputs[0].shape
     flops = dit.forward_flops(config, batch, frames, height, width, inputs[1].shape[1])
     tol = 1e-5 if dtype_name == "float32" else 5e-2
     parity_row = report("dit", args.config, inputs[0].shape, {"v_prediction": (ours, ref)}, tol=tol)
