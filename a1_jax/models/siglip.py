@@ -20,8 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a1_jax.config import SiglipConfig
-from a1_jax.models.dit import REMAT_POLICIES  # the one remat vocabulary (belongs in layers.py; see BUILD_NOTES)
-from a1_jax.models.layers import LayerNorm, attention, dense
+from a1_jax.models.layers import REMAT_POLICIES, LayerNorm, attention, dense
 from a1_jax.parallel import axes
 
 Dtype = Any
