@@ -14,7 +14,7 @@ from flax.core import meta
 from a1_jax import cli
 from a1_jax.config import VAEConfig, read_json
 from a1_jax.errors import UserError
-from a1_jax.models.vae import AutoencoderKLCogVideoX, DiagonalGaussian, abstract_params, chunk_sizes
+from a1_jax.models.vae import AutoencoderKLCogVideoX, DiagonalGaussian, abstract_params, chunk_sizes, tile_plan
 from a1_jax.parallel import axes
 from a1_jax.parity import FP32_TOLERANCE, errors, torch_state
 from a1_jax.parity import vae as vae_parity
@@ -192,6 +192,16 @@ def test_frame_chunks_follow_diffusers():
     assert chunk_sizes(49, 8) == (9, 8, 5)  # spec §5.4: 9, 8, 8, 8, 8, 8 frames
     assert chunk_sizes(13, 2) == (3, 2, 5)  # 3, 2, 2, 2, 2, 2 latents
     assert chunk_sizes(5, 8) == (5, 8, 0) and chunk_sizes(16, 8) == (8, 8, 1) and chunk_sizes(4, 2) == (2, 2, 1)
+
+
+def test_5b_tile_geometry_is_the_reference_one():
+    model = AutoencoderKLCogVideoX(VAEConfig.from_json(FIVE_B))
+    assert (model.tile_sample, model.tile_latent) == ((240, 360), (30, 45))
+    # spec §5.5: encode origins every 200 / 288 px, blends 5 / 9 latents, keep 25 x 36; decode the mirror image.
+    assert tile_plan(model.tile_sample, model.tile_latent) == {
+        "tile": (240, 360), "stride": (200, 288), "blend_extent": (5, 9), "keep": (25, 36)}
+    assert tile_plan(model.tile_latent, model.tile_sample) == {
+        "tile": (30, 45), "stride": (25, 36), "blend_extent": (40, 72), "keep": (200, 288)}
 
 
 def test_cli_parity_end_to_end(capsys):

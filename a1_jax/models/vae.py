@@ -96,6 +96,15 @@ def blend(previous: jax.Array, tile: jax.Array, extent: int, axis: int) -> jax.A
     return jax.lax.concatenate([mixed, jax.lax.slice_in_dim(tile, extent, tile.shape[axis], axis=axis)], axis)
 
 
+def tile_plan(tile_in: tuple[int, int], tile_out: tuple[int, int]) -> dict[str, tuple[int, int]]:
+    """`tiled` arguments for input tiles `tile_in` that map to output tiles `tile_out` (diffusers' arithmetic:
+    strides from the input tile and the overlap factors, blend extents and crops from the output tile)."""
+    overlap = (TILE_OVERLAP_HEIGHT, TILE_OVERLAP_WIDTH)
+    blend_extent = tuple(int(t * f) for t, f in zip(tile_out, overlap))
+    return {"tile": tile_in, "stride": tuple(int(t * (1 - f)) for t, f in zip(tile_in, overlap)),
+            "blend_extent": blend_extent, "keep": tuple(t - b for t, b in zip(tile_out, blend_extent))}
+
+
 def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: tuple[int, int], stride: tuple[int, int],
           blend_extent: tuple[int, int], keep: tuple[int, int]) -> jax.Array:
     """diffusers' tiled_encode/tiled_decode over [B, T, H, W, C]: `fn` per overlapping tile, blended, cropped.
@@ -506,14 +515,8 @@ class AutoencoderKLCogVideoX(nn.Module):
         def run(piece: jax.Array) -> jax.Array:
             return _chunked(self.encoder, piece, ENCODE_CHUNK_FRAMES)
 
-        sample, latent = self.tile_sample, self.tile_latent
-        if tiling and (x.shape[3] > sample[1] or x.shape[2] > sample[0]):
-            blend_extent = (int(latent[0] * TILE_OVERLAP_HEIGHT), int(latent[1] * TILE_OVERLAP_WIDTH))
-            moments = tiled(run, x, tile=sample,
-                            stride=(int(sample[0] * (1 - TILE_OVERLAP_HEIGHT)),
-                                    int(sample[1] * (1 - TILE_OVERLAP_WIDTH))),
-                            blend_extent=blend_extent,
-                            keep=(latent[0] - blend_extent[0], latent[1] - blend_extent[1]))
+        if tiling and (x.shape[3] > self.tile_sample[1] or x.shape[2] > self.tile_sample[0]):
+            moments = tiled(run, x, **tile_plan(self.tile_sample, self.tile_latent))
         else:
             moments = run(x)
         return DiagonalGaussian.from_moments(moments)
@@ -525,14 +528,8 @@ class AutoencoderKLCogVideoX(nn.Module):
         def run(piece: jax.Array) -> jax.Array:
             return _chunked(self.decoder, piece, DECODE_CHUNK_FRAMES)
 
-        sample, latent = self.tile_sample, self.tile_latent
-        if tiling and (z.shape[3] > latent[1] or z.shape[2] > latent[0]):
-            blend_extent = (int(sample[0] * TILE_OVERLAP_HEIGHT), int(sample[1] * TILE_OVERLAP_WIDTH))
-            return tiled(run, z, tile=latent,
-                         stride=(int(latent[0] * (1 - TILE_OVERLAP_HEIGHT)),
-                                 int(latent[1] * (1 - TILE_OVERLAP_WIDTH))),
-                         blend_extent=blend_extent,
-                         keep=(sample[0] - blend_extent[0], sample[1] - blend_extent[1]))
+        if tiling and (z.shape[3] > self.tile_latent[1] or z.shape[2] > self.tile_latent[0]):
+            return tiled(run, z, **tile_plan(self.tile_latent, self.tile_sample))
         return run(z)
 
     def __call__(self, x: jax.Array, tiling: bool = False) -> DiagonalGaussian | jax.Array:

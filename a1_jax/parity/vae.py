@@ -42,15 +42,15 @@ def default_size(config: VAEConfig, tiling: bool) -> tuple[int, int]:
 
 
 def _geometry(args: argparse.Namespace, config: VAEConfig) -> tuple[int, int, int, int]:
-    """(batch, frames, height, width) from the arguments, with defaults; impossible sizes are a UserError."""
+    """(batch, frames, height, width) from the arguments, with defaults; a non-positive size is a UserError.
+
+    Any positive size is valid, as in diffusers (sizes that are not multiples of the compression decode smaller).
+    """
     height, width = default_size(config, args.tiling)
     height, width = args.height or height, args.width or width
     batch, frames = args.batch or 1, args.frames
     if min(batch, frames, height, width) < 1:
         raise UserError(f"batch, frames, height and width must be positive, got {batch}, {frames}, {height}, {width}")
-    if height % config.spatial_compression or width % config.spatial_compression:
-        raise UserError(f"height and width must be multiples of {config.spatial_compression} (the spatial "
-                        f"compression), got {height}x{width}")
     return batch, frames, height, width
 
 
