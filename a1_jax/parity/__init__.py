@@ -42,6 +42,19 @@ def torch_state(module: Any) -> dict[str, np.ndarray]:
     return {name: to_numpy(value) for name, value in module.state_dict().items()}
 
 
+def perturb_plain_tensors(module: Any, seed: int, scale: float = 0.1, also: tuple[str, ...] = ()) -> None:
+    """Adds seeded noise, in place, to every 1-D tensor of a torch module (norm scales, biases) and to the persistent
+    tensors whose name ends with one of `also`. Default inits leave norms at exactly 1 and biases at 0, which would
+    hide a swapped or dropped mapping; a non-persistent buffer (a computed table) is not a weight and is left alone."""
+    torch = import_reference("torch")
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in module.state_dict().items():
+            if tensor.ndim == 1 or name.endswith(also):
+                noise = torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype)
+                tensor.add_(scale * noise.to(tensor.device))
+
+
 def errors(outputs: Mapping[str, tuple[Any, Any]]) -> dict[str, dict[str, float]]:
     """Per output `(ours, reference)`: max absolute error and max|Δ| / max|reference|."""
     table = {}

@@ -22,7 +22,8 @@ import numpy as np
 from a1_jax.config import DiTConfig
 from a1_jax.errors import UserError
 from a1_jax.models import dit
-from a1_jax.parity import (fp32_reference, import_reference, report, time_call, to_numpy, torch_state)
+from a1_jax.parity import (fp32_reference, import_reference, perturb_plain_tensors, report, time_call, to_numpy,
+                           torch_state)
 from a1_jax.weights import open_checkpoint
 from a1_jax.weights.dit import import_dit
 
@@ -53,17 +54,6 @@ def reference_rope(config: DiTConfig, frames: int, height: int, width: int, devi
                                               temporal_size=frames, device=device)
 
 
-def _randomise(module: Any, generator: Any) -> None:
-    """Gives norms and buffers random values so that no weight the importer moves is a no-op (ones, zeros)."""
-    torch = import_reference("torch")
-    persistent = module.state_dict()  # a non-persistent buffer (the computed sin-cos table) is not a weight
-    with torch.no_grad():
-        for name, tensor in persistent.items():
-            if "norm" in name or name.endswith("pos_embedding"):
-                base = 1.0 if name.endswith("weight") else 0.0
-                tensor.copy_(base + 0.2 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
-
-
 def build_reference(config: DiTConfig, seed: int, checkpoint: str | None = None,
                     device: str = "cpu") -> tuple[Any, Any, dict]:
     """`(diffusers model, torch pose_proj, state dict with the connector)`, fp32, eval mode, on `device`.
@@ -74,14 +64,13 @@ def build_reference(config: DiTConfig, seed: int, checkpoint: str | None = None,
     """
     torch = import_reference("torch")
     diffusers = import_reference("diffusers")
-    generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     pose_proj = torch.nn.Sequential(torch.nn.Linear(config.face_embed_dim, config.face_hidden_dim), torch.nn.SiLU(),
                                     torch.nn.Linear(config.face_hidden_dim, config.text_embed_dim))
     if checkpoint is None:
         with torch.device(device):
             model = diffusers.CogVideoXTransformer3DModel(**reference_kwargs(config))
-        _randomise(model, generator)
+        perturb_plain_tensors(model, seed, also=("pos_embedding",))
         state = {**torch_state(model), **{_POSE_PROJ + k: v for k, v in torch_state(pose_proj).items()}}
     else:
         # The connector is not a diffusers module: diffusers reports its tensors as unexpected and we load them here.

@@ -14,7 +14,8 @@ import numpy as np
 
 from a1_jax.config import SiglipConfig
 from a1_jax.models.siglip import SiglipVisionTower
-from a1_jax.parity import errors, fp32_reference, import_reference, report, time_call, to_numpy, torch_state
+from a1_jax.parity import (errors, fp32_reference, import_reference, perturb_plain_tensors, report, time_call,
+                           to_numpy, torch_state)
 from a1_jax.weights.safetensors_io import open_checkpoint
 from a1_jax.weights.rules import apply_plan
 from a1_jax.weights.siglip import SKIP, plan
@@ -36,10 +37,7 @@ def _reference(config: SiglipConfig, args: argparse.Namespace, dtype: str = "flo
         torch.manual_seed(args.seed)
         fields = {f: getattr(config, f) for f in config.__dataclass_fields__}
         model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(**fields))
-        with torch.no_grad():
-            for param in model.parameters():
-                if param.ndim == 1:
-                    param.add_(0.1 * torch.randn_like(param))
+        perturb_plain_tensors(model, args.seed)
         model = model.to(torch_dtype)
     return model.eval()
 
