@@ -14,6 +14,7 @@ from flax.core import meta
 from a1_jax import cli
 from a1_jax.config import VAEConfig, read_json
 from a1_jax.errors import UserError
+from a1_jax.models import vae
 from a1_jax.models.vae import AutoencoderKLCogVideoX, DiagonalGaussian, abstract_params, chunk_sizes, tile_plan
 from a1_jax.parallel import axes
 from a1_jax.parity import FP32_TOLERANCE, errors, torch_state
@@ -64,7 +65,7 @@ def test_tiny_parity_tiled(tiny):
     rel = _rel_errors(tiled)
     assert max(rel.values()) <= FP32_TOLERANCE, rel
     # Tiling changes the numbers (per-tile GroupNorm statistics), so matching above proves the tiled path ran.
-    whole = model.apply({"params": params}, vae_parity.to_channels_last(video), method=model.encode).mean
+    whole = vae.encode(model, params, vae_parity.to_channels_last(video)).mean
     tiled_mean = vae_parity.to_channels_last(tiled["posterior_mean"][0])
     assert _rel_errors({"mean": (tiled_mean, whole)})["mean"] > 1e-3
 
@@ -72,7 +73,7 @@ def test_tiny_parity_tiled(tiny):
 def test_sample_and_mode(tiny):
     config, _, model, params = tiny
     video = jnp.asarray(vae_parity.random_video((1, 1, 32, 48, 3), seed=4))
-    posterior = model.apply({"params": params}, video, method=model.encode)
+    posterior = vae.encode(model, params, video)
     assert posterior.mode() is posterior.mean
     a, b = posterior.sample(jax.random.key(0)), posterior.sample(jax.random.key(1))
     np.testing.assert_array_equal(a, posterior.sample(jax.random.key(0)))  # the key alone decides the draw
@@ -91,11 +92,11 @@ def test_encoder_only_matches_full_model_and_has_no_decoder(tiny):
     assert set(encoder_params) == {"encoder"}
     guider = AutoencoderKLCogVideoX(config, encoder_only=True)
     video = jnp.asarray(vae_parity.random_video((1, 5, 32, 48, 3), seed=5))
-    ours = guider.apply({"params": encoder_params}, video).mode()
-    full = model.apply({"params": params}, video, method=model.encode).mode()
+    ours = vae.encode(guider, encoder_params, video).mode()
+    full = vae.encode(model, params, video).mode()
     np.testing.assert_array_equal(ours, full)
     with pytest.raises(ValueError, match="encoder_only"):
-        guider.apply({"params": encoder_params}, ours, method=guider.decode)
+        vae.decode(guider, encoder_params, ours)
 
 
 def test_bf16_compute_keeps_fp32_params_and_stays_close(tiny):
@@ -103,8 +104,8 @@ def test_bf16_compute_keeps_fp32_params_and_stays_close(tiny):
     video = jnp.asarray(vae_parity.random_video((1, 1, 32, 48, 3), seed=6))
     fp32 = AutoencoderKLCogVideoX(config)
     bf16 = AutoencoderKLCogVideoX(config, dtype=jnp.bfloat16)
-    low = bf16.apply({"params": params}, video, method=bf16.encode).mean
-    high = fp32.apply({"params": params}, video, method=fp32.encode).mean
+    low = vae.encode(bf16, params, video).mean
+    high = vae.encode(fp32, params, video).mean
     assert low.dtype == jnp.bfloat16
     rel = _rel_errors({"mean": (low.astype(jnp.float32), high)})["mean"]
     assert 0 < rel < 5e-2
@@ -192,6 +193,21 @@ def test_frame_chunks_follow_diffusers():
     assert chunk_sizes(49, 8) == (9, 8, 5)  # spec §5.4: 9, 8, 8, 8, 8, 8 frames
     assert chunk_sizes(13, 2) == (3, 2, 5)  # 3, 2, 2, 2, 2, 2 latents
     assert chunk_sizes(5, 8) == (5, 8, 0) and chunk_sizes(16, 8) == (8, 8, 1) and chunk_sizes(4, 2) == (2, 2, 1)
+
+
+def test_chunk_driver_compiles_two_chunk_shapes_whatever_the_length(tiny):
+    """The driver runs one jitted call per chunk: the first-chunk and steady-chunk shapes compile once each, so a
+    longer video adds calls, not compiles (and never holds two chunks' working memory at once)."""
+    config, _, model, params = tiny
+    step = vae._chunk_step(model, "decode_chunk")
+    latents = lambda frames: jnp.asarray(np.random.default_rng(frames).standard_normal((1, frames, 3, 5, 4)),
+                                         jnp.float32)
+    before = step._cache_size()
+    short = vae.decode(model, params, latents(7))  # chunks of 3, 2, 2 latents
+    assert step._cache_size() == before + 2
+    long = vae.decode(model, params, latents(11))  # 3, 2, 2, 2, 2
+    assert step._cache_size() == before + 2
+    assert short.shape == (1, 25, 24, 40, 3) and long.shape == (1, 41, 24, 40, 3)
 
 
 def test_5b_tile_geometry_is_the_reference_one():

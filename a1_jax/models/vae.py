@@ -9,16 +9,18 @@ Numerics follow diffusers' `AutoencoderKLCogVideoX` (installed 0.42.1; identical
 * Causal convolutions pad time with k-1 copies of the first frame, or with the last k-1 (padded) input frames of the
   previous chunk (the "conv cache"); space is zero-padded.
 * The encoder sees 8-frame chunks (the first one 8 + T mod 8), the decoder 2-latent-frame chunks (first 2 + T mod 2).
-  GroupNorm statistics are per chunk, so this chunking is part of the function, not an optimisation. The first chunk
-  runs on its own; the equal-sized rest run under one `nn.scan` that carries the conv cache, so compile time does not
-  grow with video length.
-* Optional spatial tiling (`tiling=True`) reproduces `enable_tiling()`: overlapping tiles, each with its own frame
-  chunking, blended with linear ramps against already-blended neighbours, then cropped.
+  GroupNorm statistics are per chunk, so this chunking is part of the function, not an optimisation. The model's
+  methods run one chunk (`x, cache -> y, cache`); `encode` / `decode` below drive the chunks from Python, one jitted
+  call each, so peak memory is one chunk's whatever the video length and only two chunk shapes (first, steady) are
+  ever compiled.
+* Optional spatial tiling (`tiling=True`) reproduces `enable_tiling()`: overlapping tiles, one at a time, each with
+  its own frame chunking, blended with linear ramps against already-blended neighbours, then cropped.
 * GroupNorm runs in fp32 whatever the compute `dtype`; parameters are created in `param_dtype`, used in `dtype`.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -109,20 +111,13 @@ def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: tuple[int, i
           blend_extent: tuple[int, int], keep: tuple[int, int]) -> jax.Array:
     """diffusers' tiled_encode/tiled_decode over [B, T, H, W, C]: `fn` per overlapping tile, blended, cropped.
 
-    Tiles start every `stride` in the input; outputs are blended against the tile above and then the tile to the left,
-    both already blended (diffusers mutates them in place), and each keeps its top-left `keep` rows/columns.
-    Tiles of equal shape (all interior ones) run as one batch: the VAE treats batch entries independently, and this
-    traces `fn` once per distinct shape (at most 4) instead of once per tile.
+    Tiles start every `stride` in the input and run one at a time (so memory is one tile's); outputs are blended
+    against the tile above and then the tile to the left, both already blended (diffusers mutates them in place),
+    and each keeps its top-left `keep` rows/columns.
     """
-    batch, height, width = x.shape[0], x.shape[2], x.shape[3]
-    origins = [(i, j) for i in range(0, height, stride[0]) for j in range(0, width, stride[1])]
-    pieces = {o: x[:, :, o[0]:o[0] + tile[0], o[1]:o[1] + tile[1]] for o in origins}
-    outputs = {}
-    for shape in dict.fromkeys(p.shape for p in pieces.values()):
-        group = [o for o in origins if pieces[o].shape == shape]
-        out = fn(jnp.concatenate([pieces[o] for o in group], axis=0))
-        outputs.update({o: out[k * batch:(k + 1) * batch] for k, o in enumerate(group)})
-    rows = [[outputs[(i, j)] for j in range(0, width, stride[1])] for i in range(0, height, stride[0])]
+    height, width = x.shape[2], x.shape[3]
+    rows = [[fn(x[:, :, i:i + tile[0], j:j + tile[1]]) for j in range(0, width, stride[1])]
+            for i in range(0, height, stride[0])]
     out_rows = []
     for i, row in enumerate(rows):
         for j in range(len(row)):
@@ -454,38 +449,16 @@ class DiagonalGaussian:
         return self.mean + self.std * noise.astype(self.mean.dtype)
 
 
-def _chunked(module: nn.Module, x: jax.Array, chunk: int) -> jax.Array:
-    """Runs `module(x, cache) -> (y, cache)` over diffusers' frame chunks of `x` (axis 1), carrying the cache.
-
-    The first chunk runs alone (it creates the cache); the equal-sized rest run under `nn.scan`.
-    """
-    first, size, count = chunk_sizes(x.shape[1], chunk)
-    y, cache = module(x[:, :first])
-    if count == 0:
-        return y
-    rest = x[:, first:].reshape(x.shape[0], count, size, *x.shape[2:]).swapaxes(0, 1)
-
-    def step(mdl: nn.Module, carry: Cache, piece: jax.Array) -> tuple[Cache, jax.Array]:
-        out, carry = mdl(piece, carry)
-        return carry, out
-
-    scan = nn.scan(step, variable_broadcast="params", split_rngs={"params": False})
-    _, ys = scan(module, cache, rest)  # [count, B, t, ...]
-    ys = ys.swapaxes(0, 1).reshape(ys.shape[1], count * ys.shape[2], *ys.shape[3:])
-    return jnp.concatenate([y, ys.astype(y.dtype)], axis=1)
-
-
 class AutoencoderKLCogVideoX(nn.Module):
-    """The CogVideoX VAE; `encoder_only=True` builds just the encoder (the pose guider).
+    """The CogVideoX VAE, one frame chunk per call; `encoder_only=True` builds just the encoder (the pose guider).
 
-    Parameters live under `encoder/...` and `decoder/...` (see `a1_jax.weights.vae`). Methods (use with
-    `module.apply({'params': params}, x, method=...)`):
+    Parameters live under `encoder/...` and `decoder/...` (see `a1_jax.weights.vae`). Videos and latents go through
+    the module-level `encode` / `decode`, which run diffusers' frame chunks through the chunk methods:
 
-    * `encode(video [B, T, H, W, C], tiling=False) -> DiagonalGaussian` over latents `[B, 1 + (T-1)//4, H/8, W/8, 16]`
-      (5B geometry; T = 1 + 4k frames is the intended input).
-    * `decode(latents, tiling=False) -> video [B, T', H, W, C]` with exactly diffusers' frame count (13 latents ->
-      49 frames; an even 2-latent chunk gives 8 frames).
-    * `__call__(video)`: decode(encode(video).mode()) (or the posterior alone when `encoder_only`).
+    * `encode_chunk(video chunk, cache=None) -> (moments, cache)`, `decode_chunk(latent chunk, cache=None) ->
+      (video, cache)`: one chunk; `cache=None` starts a video, the returned cache continues it.
+    * `__call__(video)`: the whole input as one chunk through the encoder and (unless `encoder_only`) the decoder, which
+      is what `init` needs to create every parameter.
     """
 
     config: VAEConfig
@@ -509,32 +482,71 @@ class AutoencoderKLCogVideoX(nn.Module):
         s = self.config.spatial_compression
         return int(self.tile_sample[0] / s), int(self.tile_sample[1] / s)
 
-    def encode(self, x: jax.Array, tiling: bool = False) -> DiagonalGaussian:
-        x = x.astype(self.dtype)
+    def encode_chunk(self, x: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+        return self.encoder(x.astype(self.dtype), cache)
 
-        def run(piece: jax.Array) -> jax.Array:
-            return _chunked(self.encoder, piece, ENCODE_CHUNK_FRAMES)
+    def decode_chunk(self, z: jax.Array, cache: Cache | None = None) -> tuple[jax.Array, Cache]:
+        return self.decoder(z, cache)
 
-        if tiling and (x.shape[3] > self.tile_sample[1] or x.shape[2] > self.tile_sample[0]):
-            moments = tiled(run, x, **tile_plan(self.tile_sample, self.tile_latent))
-        else:
-            moments = run(x)
-        return DiagonalGaussian.from_moments(moments)
-
-    def decode(self, z: jax.Array, tiling: bool = False) -> jax.Array:
+    def __call__(self, x: jax.Array) -> jax.Array:
+        moments, _ = self.encode_chunk(x)
         if self.encoder_only:
-            raise ValueError("this VAE was built with encoder_only=True and has no decoder")
+            return moments
+        return self.decode_chunk(DiagonalGaussian.from_moments(moments).mode())[0]
 
-        def run(piece: jax.Array) -> jax.Array:
-            return _chunked(self.decoder, piece, DECODE_CHUNK_FRAMES)
 
-        if tiling and (z.shape[3] > self.tile_latent[1] or z.shape[2] > self.tile_latent[0]):
-            return tiled(run, z, **tile_plan(self.tile_latent, self.tile_sample))
-        return run(z)
+# ----------------------------------------------------------------------------------------------------------------
+# Videos: diffusers' frame chunks (and tiles), one jitted chunk call at a time
 
-    def __call__(self, x: jax.Array, tiling: bool = False) -> DiagonalGaussian | jax.Array:
-        posterior = self.encode(x, tiling)
-        return posterior if self.encoder_only else self.decode(posterior.mode(), tiling)
+
+@functools.lru_cache(maxsize=None)
+def _chunk_step(model: AutoencoderKLCogVideoX, method: str) -> Callable:
+    """`model.<method>` as a jitted `(params, chunk, cache) -> (output, cache)`, one per model and method (jit then
+    caches one executable per chunk shape). The old cache is donated: it is dead once the next one exists."""
+    return jax.jit(lambda params, x, cache: model.apply({"params": params}, x, cache, method=method),
+                   donate_argnums=2)
+
+
+def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int) -> jax.Array:
+    """diffusers' frame chunks of `x` (axis 1) through `step`, carrying the cache; outputs joined along time.
+
+    One XLA call per chunk, so peak memory is one chunk's working set. (Under one jit, XLA removes a one-trip loop and
+    overlaps the two chunks' buffers, which doubled the 5B decode's memory at 5 latents.)
+    """
+    first, size, _ = chunk_sizes(x.shape[1], chunk)
+    y, cache = step(params, x[:, :first], None)
+    outputs = [y]
+    for start in range(first, x.shape[1], size):
+        y, cache = step(params, x[:, start:start + size], cache)
+        outputs.append(y)
+    return jnp.concatenate(outputs, axis=1)
+
+
+def encode(model: AutoencoderKLCogVideoX, params: Any, video: jax.Array, tiling: bool = False) -> DiagonalGaussian:
+    """Posterior over latents `[B, 1 + (T-1)//4, H/8, W/8, 16]` of `video [B, T, H, W, C]` (5B geometry; T = 1 + 4k
+    frames is the intended input); `tiling` as diffusers' `enable_tiling()`. Call it outside `jax.jit`: it runs one
+    jitted call per frame chunk (and tile)."""
+    params = jax.device_put(params)  # once, not once per chunk call
+    run = functools.partial(_chunked, _chunk_step(model, "encode_chunk"), params, chunk=ENCODE_CHUNK_FRAMES)
+    sample = model.tile_sample
+    if tiling and (video.shape[3] > sample[1] or video.shape[2] > sample[0]):
+        moments = tiled(run, video, **tile_plan(sample, model.tile_latent))
+    else:
+        moments = run(video)
+    return DiagonalGaussian.from_moments(moments)
+
+
+def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tiling: bool = False) -> jax.Array:
+    """Video `[B, T', H, W, C]` of `latents`, with exactly diffusers' frame count (13 latents -> 49 frames; an even
+    2-latent chunk gives 8 frames); `tiling` as diffusers' `enable_tiling()`. Call it outside `jax.jit`."""
+    if model.encoder_only:
+        raise ValueError("this VAE was built with encoder_only=True and has no decoder")
+    params = jax.device_put(params)  # once, not once per chunk call
+    run = functools.partial(_chunked, _chunk_step(model, "decode_chunk"), params, chunk=DECODE_CHUNK_FRAMES)
+    latent = model.tile_latent
+    if tiling and (latents.shape[3] > latent[1] or latents.shape[2] > latent[0]):
+        return tiled(run, latents, **tile_plan(latent, model.tile_sample))
+    return run(latents)
 
 
 def abstract_params(config: VAEConfig, encoder_only: bool = False, param_dtype: Dtype = jnp.float32) -> Any:

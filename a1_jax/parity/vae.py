@@ -3,7 +3,8 @@
 Both sides get the same weights and the same random video `[1, 3, frames, height, width]` in [-1, 1]. Compared:
 the posterior mean, a posterior sample drawn with the same standard-normal noise (diffusers' own `sample(generator)`
 against our `sample_with(noise)`), and the decode of that sample, fed identically to both decoders so each error is
-the component's own. Our side runs jitted, in channels-last layout.
+the component's own. Our side runs `a1_jax.models.vae.encode/decode` (one jitted call per frame chunk), in
+channels-last layout.
 
 Default geometry (no --height/--width): 4x6 latent pixels (32x48 px for 8x spatial compression), or, with --tiling,
 1.5 tiles each way (rounded to whole latent pixels) so that tiling actually runs.
@@ -23,6 +24,7 @@ import numpy as np
 
 from a1_jax.config import VAEConfig, read_json
 from a1_jax.errors import UserError
+from a1_jax.models import vae
 from a1_jax.models.vae import AutoencoderKLCogVideoX
 from a1_jax.parity import errors, fp32_reference, import_reference, report, to_numpy, torch_state
 from a1_jax.weights.safetensors_io import open_checkpoint
@@ -97,13 +99,6 @@ def to_channels_first(x: Any) -> np.ndarray:
     return np.moveaxis(np.asarray(x, np.float32), -1, 1)
 
 
-def jitted(model: AutoencoderKLCogVideoX, tiling: bool) -> tuple[Callable, Callable]:
-    """(encode, decode) as jitted functions of (params, array) returning the posterior / the video."""
-    encode = jax.jit(lambda p, x: model.apply({"params": p}, x, tiling, method=model.encode))
-    decode = jax.jit(lambda p, z: model.apply({"params": p}, z, tiling, method=model.decode))
-    return encode, decode
-
-
 def compare(reference: Any, model: AutoencoderKLCogVideoX, params: dict, video: np.ndarray, *, tiling: bool,
             noise_seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """{output: (ours, reference)} in diffusers' layout for posterior mean, posterior sample and decode."""
@@ -112,16 +107,15 @@ def compare(reference: Any, model: AutoencoderKLCogVideoX, params: dict, video: 
         reference.enable_tiling()
     else:
         reference.disable_tiling()
-    encode, decode = jitted(model, tiling)
     with fp32_reference(), torch.no_grad():
         posterior = reference.encode(torch.from_numpy(video)).latent_dist
         noise = torch.randn(posterior.mean.shape, generator=torch.Generator().manual_seed(noise_seed))
         sample = posterior.sample(generator=torch.Generator().manual_seed(noise_seed))
         decoded = reference.decode(sample).sample
 
-        ours = encode(params, to_channels_last(video))
+        ours = vae.encode(model, params, to_channels_last(video), tiling)
         our_sample = ours.sample_with(to_channels_last(to_numpy(noise)))
-        our_decoded = decode(params, to_channels_last(to_numpy(sample)))
+        our_decoded = vae.decode(model, params, to_channels_last(to_numpy(sample)), tiling)
     return {"posterior_mean": (to_channels_first(ours.mean), to_numpy(posterior.mean)),
             "posterior_sample": (to_channels_first(our_sample), to_numpy(sample)),
             "decoded": (to_channels_first(our_decoded), to_numpy(decoded))}
@@ -139,30 +133,47 @@ def parity(args: argparse.Namespace) -> dict:
                   weights=args.checkpoint or f"random (seed {args.seed})")
 
 
-def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = lambda x: x) -> tuple[float, Any]:
-    """Median wall seconds of `repeats` calls of `sync(fn())`, and the last output (no separate warm-up: a 5B
-    VAE call on a CPU takes minutes, and neither side has anything left to compile here)."""
+class _CompileClock:
+    """Seconds JAX spends tracing, lowering and compiling while active (its compile-duration events): our side
+    compiles inside its first chunk calls, so the bench subtracts this from the wall time and reports it apart."""
+
+    def __init__(self):
+        self.seconds = 0.0
+
+    def _record(self, event: str, duration: float, **_: Any) -> None:
+        if event.startswith("/jax/core/compile/"):
+            self.seconds += duration
+
+    def __enter__(self) -> "_CompileClock":
+        jax.monitoring.register_event_duration_secs_listener(self._record)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._record)
+
+
+def _timed(fn: Callable[[], Any], repeats: int, sync: Callable[[Any], Any] = lambda x: x) -> tuple[float, float, Any]:
+    """(median run seconds, compile seconds, last output) of `repeats` calls of `sync(fn())`; compile time is taken
+    out of each call's wall time (no separate warm-up: a 5B VAE call on a CPU takes minutes)."""
     times, out = [], None
-    for _ in range(max(1, repeats)):
-        start = time.perf_counter()
-        out = sync(fn())
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), out
+    with _CompileClock() as clock:
+        for _ in range(max(1, repeats)):
+            start, compiled_before = time.perf_counter(), clock.seconds
+            out = sync(fn())
+            times.append(time.perf_counter() - start - (clock.seconds - compiled_before))
+    return statistics.median(times), clock.seconds, out
 
 
-def _bench_direction(ours: Callable, args: tuple, theirs: Callable[[], Any], repeats: int) -> dict[str, Any]:
-    """Our jitted `ours(*args)` compiled ahead (timed apart), then `repeats` calls of each side."""
-    start = time.perf_counter()
-    compiled = ours.lower(*args).compile()
-    compile_s = time.perf_counter() - start
-    jax_s, out = _timed(lambda: compiled(*args), repeats, jax.block_until_ready)
-    torch_s, expected = _timed(theirs, repeats)
+def _bench_direction(ours: Callable[[], Any], theirs: Callable[[], Any], repeats: int) -> dict[str, Any]:
+    """`repeats` calls of each side; our compile time (first calls) timed apart."""
+    jax_s, compile_s, out = _timed(ours, repeats, jax.block_until_ready)
+    torch_s, _, expected = _timed(theirs, repeats)
     return {"jax_s": jax_s, "torch_s": torch_s, "speedup": torch_s / jax_s, "compile_s": compile_s,
             "ours": out, "expected": expected}
 
 
 def bench(args: argparse.Namespace) -> dict:
-    """Wall time of encode and of decode, ours (jitted, compile timed apart) vs diffusers, same weights and input."""
+    """Wall time of encode and of decode, ours (compile timed apart) vs diffusers, same weights and input."""
     torch = import_reference("torch")
     config, reference, model, params = setup(args, args.dtype)
     batch, frames, height, width = _geometry(args, config)
@@ -170,16 +181,17 @@ def bench(args: argparse.Namespace) -> dict:
     if args.tiling:
         reference.enable_tiling()
     params = jax.tree.map(lambda a: jnp.asarray(a, getattr(jnp, args.dtype)), params)
-    encode, decode = jitted(model, bool(args.tiling))
+    tiling = bool(args.tiling)
     x = to_channels_last(video).astype(getattr(jnp, args.dtype))
     torch_x = torch.from_numpy(video).to(getattr(torch, args.dtype))
 
     with torch.no_grad():
-        enc = _bench_direction(encode, (params, x), lambda: reference.encode(torch_x).latent_dist.mean,
-                               args.repeats)
+        enc = _bench_direction(lambda: vae.encode(model, params, x, tiling),
+                               lambda: reference.encode(torch_x).latent_dist.mean, args.repeats)
         z = enc["expected"]  # both decoders take the reference's posterior mean
         our_z = to_channels_last(to_numpy(z)).astype(getattr(jnp, args.dtype))
-        dec = _bench_direction(decode, (params, our_z), lambda: reference.decode(z).sample, args.repeats)
+        dec = _bench_direction(lambda: vae.decode(model, params, our_z, tiling), lambda: reference.decode(z).sample,
+                               args.repeats)
 
     outputs = {"posterior_mean": (to_channels_first(enc["ours"].mean), to_numpy(enc["expected"])),
                "decoded": (to_channels_first(dec["ours"]), to_numpy(dec["expected"]))}
