@@ -26,7 +26,8 @@ from a1_jax.config import VAEConfig, read_json
 from a1_jax.errors import UserError
 from a1_jax.models import vae
 from a1_jax.models.vae import AutoencoderKLCogVideoX
-from a1_jax.parity import errors, fp32_reference, import_reference, report, to_numpy, torch_state
+from a1_jax.parity import (errors, fp32_reference, import_reference, perturb_plain_tensors, report, to_numpy,
+                           torch_state)
 from a1_jax.weights.safetensors_io import open_checkpoint
 from a1_jax.weights.vae import load_vae_params
 
@@ -66,12 +67,8 @@ def reference_model(config_path: str | os.PathLike, checkpoint: str | None, seed
         return diffusers.AutoencoderKLCogVideoX.from_pretrained(checkpoint, torch_dtype=torch_dtype).eval()
     torch.manual_seed(seed)
     model = diffusers.AutoencoderKLCogVideoX.from_config(read_json(config_path))
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.ndim == 1:
-                param.add_(0.1 * torch.randn_like(param))
-            param.data = param.data.to(torch_dtype)
-    return model.eval()
+    perturb_plain_tensors(model, seed)
+    return model.to(torch_dtype).eval()
 
 
 def setup(args: argparse.Namespace, dtype: str = "float32") -> tuple[VAEConfig, Any, AutoencoderKLCogVideoX, dict]:
