@@ -233,3 +233,14 @@ def test_cli_bad_config_path(tmp_path, capsys):
     assert cli.main(["parity", "vae", "--config", str(tmp_path / "nope.json")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "config not found" in err
+
+
+def test_cli_parity_from_a_sharded_checkpoint_folder(tmp_path, capsys):
+    """`--checkpoint DIR`: diffusers loads the folder, we import the same safetensors shards through the index."""
+    from a1_jax.parity.vae import reference_model
+
+    reference_model(TINY, None, seed=3).save_pretrained(tmp_path, max_shard_size="200KB")
+    assert list(tmp_path.glob("*.safetensors.index.json")), "the tiny VAE should be saved in shards"
+    code = cli.main(["parity", "vae", "--config", str(tmp_path), "--checkpoint", str(tmp_path), "--frames", "9"])
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and result["ok"] and result["max_rel_err"] <= FP32_TOLERANCE
