@@ -343,6 +343,22 @@ class Upsample3D(nn.Module):
 # Encoder and decoder (one frame chunk each)
 
 
+def resnet_stack(parent: nn.Module, h: jax.Array, zq: jax.Array | None, channels: int, count: int, block: str,
+                 cache: Cache | None) -> tuple[jax.Array, Cache]:
+    """`count` ResnetBlock3D of `parent` in a row, named `{block}_resnets_{r}`, each with its own conv cache.
+
+    With `zq` (the decoder's latent) the blocks use SpatialNorm3D, otherwise GroupNorm (the encoder).
+    """
+    cache, new_cache = cache or {}, {}
+    cfg = parent.config
+    for r in range(count):
+        name = f"resnets_{r}"
+        h, new_cache[name] = ResnetBlock3D(channels, cfg.norm_num_groups, cfg.norm_eps, spatial_norm=zq is not None,
+                                           dtype=parent.dtype, param_dtype=parent.param_dtype,
+                                           parent=parent, name=f"{block}_{name}")(h, zq, cache.get(name))
+    return h, new_cache
+
+
 class Encoder(nn.Module):
     """One frame chunk `[B, T, H, W, in_channels]` -> (moments `[B, T', H/8, W/8, 2 * latent_channels]`, cache)."""
 
@@ -360,24 +376,14 @@ class Encoder(nn.Module):
         levels = len(cfg.block_out_channels)
         for i, channels in enumerate(cfg.block_out_channels):
             name = f"down_blocks_{i}"
-            h, new_cache[name] = self._resnets(h, channels, cfg.layers_per_block, name, cache.get(name))
+            h, new_cache[name] = resnet_stack(self, h, None, channels, cfg.layers_per_block, name, cache.get(name))
             if i < levels - 1:
                 h = Downsample3D(channels, i < cfg.temporal_compress_level, **kw, name=f"{name}_downsample")(h)
-        h, new_cache["mid_block"] = self._resnets(h, cfg.block_out_channels[-1], 2, "mid_block",
-                                                  cache.get("mid_block"))
+        h, new_cache["mid_block"] = resnet_stack(self, h, None, cfg.block_out_channels[-1], 2,
+                                                 "mid_block", cache.get("mid_block"))
         h = nn.silu(GroupNorm(cfg.norm_num_groups, 1e-6, self.param_dtype, name="norm_out")(h))
         h, new_cache["conv_out"] = CausalConv3d(2 * cfg.latent_channels, **kw, name="conv_out")(
             h, cache.get("conv_out"))
-        return h, new_cache
-
-    def _resnets(self, h: jax.Array, channels: int, count: int, block: str, cache: Cache | None):
-        cache = cache or {}
-        new_cache = {}
-        for r in range(count):
-            name = f"resnets_{r}"
-            h, new_cache[name] = ResnetBlock3D(channels, self.config.norm_num_groups, self.config.norm_eps,
-                                               dtype=self.dtype, param_dtype=self.param_dtype,
-                                               name=f"{block}_{name}")(h, None, cache.get(name))
         return h, new_cache
 
 
@@ -396,24 +402,14 @@ class Decoder(nn.Module):
         z = z.astype(self.dtype)
         widths = tuple(reversed(cfg.block_out_channels))
         h, new_cache["conv_in"] = CausalConv3d(widths[0], **kw, name="conv_in")(z, cache.get("conv_in"))
-        h, new_cache["mid_block"] = self._resnets(h, z, widths[0], 2, "mid_block", cache.get("mid_block"))
+        h, new_cache["mid_block"] = resnet_stack(self, h, z, widths[0], 2, "mid_block", cache.get("mid_block"))
         for i, channels in enumerate(widths):
             name = f"up_blocks_{i}"
-            h, new_cache[name] = self._resnets(h, z, channels, cfg.layers_per_block + 1, name, cache.get(name))
+            h, new_cache[name] = resnet_stack(self, h, z, channels, cfg.layers_per_block + 1, name, cache.get(name))
             if i < len(widths) - 1:
                 h = Upsample3D(channels, i < cfg.temporal_compress_level, **kw, name=f"{name}_upsample")(h)
         h = nn.silu(SpatialNorm3D(cfg.norm_num_groups, **kw, name="norm_out")(h, z))
         h, new_cache["conv_out"] = CausalConv3d(cfg.out_channels, **kw, name="conv_out")(h, cache.get("conv_out"))
-        return h, new_cache
-
-    def _resnets(self, h: jax.Array, z: jax.Array, channels: int, count: int, block: str, cache: Cache | None):
-        cache = cache or {}
-        new_cache = {}
-        for r in range(count):
-            name = f"resnets_{r}"
-            h, new_cache[name] = ResnetBlock3D(channels, self.config.norm_num_groups, self.config.norm_eps,
-                                               spatial_norm=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                                               name=f"{block}_{name}")(h, z, cache.get(name))
         return h, new_cache
 
 
