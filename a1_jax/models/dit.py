@@ -185,9 +185,7 @@ class JointAttention(nn.Module):
         batch, length, _ = x.shape
         project = lambda name: layers.dense(c.inner_dim, (axes.EMBED, axes.HEADS), use_bias=c.attention_bias,
                                             dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-        heads = lambda t: nn.with_logical_constraint(
-            t.reshape(batch, length, c.num_attention_heads, c.attention_head_dim),
-            (axes.BATCH, axes.LENGTH, axes.HEADS, None))
+        heads = lambda t: layers.split_heads(t, c.num_attention_heads)
         qk_norm = lambda name: layers.LayerNorm(1e-6, param_dtype=self.param_dtype, axis_name=axes.KV, name=name)
         q = qk_norm("norm_q")(heads(project("to_q")))
         k = qk_norm("norm_k")(heads(project("to_k")))

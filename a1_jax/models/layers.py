@@ -87,6 +87,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
     return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=kernel)
 
 
+def split_heads(x: jax.Array, heads: int) -> jax.Array:
+    """`[batch, length, heads·head_dim]` -> `[batch, length, heads, head_dim]`, sharded like the attention inputs."""
+    split = x.reshape(*x.shape[:-1], heads, x.shape[-1] // heads)
+    return nn.with_logical_constraint(split, (axes.BATCH, axes.LENGTH, axes.HEADS, None))
+
+
 class LayerNorm(nn.Module):
     """LayerNorm computed in fp32 (torch semantics: biased variance, eps inside the sqrt), cast back."""
 

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from a1_jax.config import SiglipConfig
-from a1_jax.models.layers import REMAT_POLICIES, LayerNorm, attention, dense
+from a1_jax.models.layers import REMAT_POLICIES, LayerNorm, attention, dense, split_heads
 from a1_jax.parallel import axes
 
 Dtype = Any
@@ -59,8 +59,7 @@ class Attention(nn.Module):
 
         def project(name: str) -> jax.Array:
             y = dense(width, (axes.EMBED, axes.HEADS), dtype=self.dtype, param_dtype=self.param_dtype, name=name)(x)
-            return nn.with_logical_constraint(y.reshape(*y.shape[:-1], heads, cfg.head_dim),
-                                              (axes.BATCH, axes.LENGTH, axes.HEADS, None))
+            return split_heads(y, heads)
 
         q, k, v = project("q_proj"), project("k_proj"), project("v_proj")
         y = attention(q, k, v, kernel=self.attention_kernel, scale=cfg.head_dim ** -0.5)
