@@ -15,6 +15,7 @@ from typing import Any, Callable, Sequence
 from a1_jax.errors import UserError
 
 COMPONENTS = ("vae", "dit", "siglip")
+LANDMARKER_HELP = "MediaPipe face_landmarker.task (default: $A1_JAX_LANDMARKER, else the model shipped with a1_jax)"
 
 
 def _component_call(kind: str) -> Callable[[argparse.Namespace], dict]:
@@ -71,8 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     landmarks.add_argument("--out", required=True, help="control video to write (.mp4)")
     landmarks.add_argument("--frames-dir", help="also write every control frame as a lossless PNG here")
     landmarks.add_argument("--preview", help="also write a side-by-side preview (reference | driving | control)")
-    landmarks.add_argument("--landmarker", help="MediaPipe face_landmarker.task (else $A1_JAX_LANDMARKER, "
-                                                "else ~/.cache/a1_jax/face_landmarker.task)")
+    landmarks.add_argument("--landmarker", help=LANDMARKER_HELP)
     landmarks.add_argument("--max-frames", type=int, help="at most this many control frames (49 = one clip)")
     landmarks.add_argument("--motion", choices=("relative", "absolute"), default="relative",
                            help="expression relative to the driver's first frame (default) or absolute")

@@ -1,7 +1,9 @@
 """Motion branch on the real sample assets: faces found, the drawn control video follows the driver, the drawing
 keeps the spec's style, frame order and padding, and every bad input is a one-line user error (exit 2)."""
 
+import json
 import os
+import pathlib
 import subprocess
 import sys
 
@@ -12,7 +14,7 @@ import pytest
 from a1_jax.cli import main
 from a1_jax.errors import UserError
 from a1_jax.io import probe_video, read_frames, read_image, resample_indices, write_video
-from a1_jax.motion import draw, retarget
+from a1_jax.motion import draw, landmarker, retarget
 from a1_jax.motion.landmarker import Landmarker
 from a1_jax.motion.pipeline import clip_order, plan_motion, render_control
 from a1_jax.motion.reference import crop_and_resize, face_box
@@ -337,18 +339,32 @@ def test_bad_inputs_are_one_line_user_errors(tmp_path, shared, capsys, case, mes
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
 
 
-def test_missing_landmarker_names_all_three_places_with_exit_code_2(tmp_path, shared):
+def test_packaged_landmarker_is_the_default_and_checked(tmp_path, monkeypatch, shared):
+    monkeypatch.delenv(landmarker.ENV_VAR, raising=False)
+    packaged = landmarker.find_landmarker_model()
+    assert packaged == landmarker.PACKAGED_MODEL
+    assert (pathlib.Path(packaged).read_bytes() == (shared / "models" / "face_landmarker.task").read_bytes())
+    damaged = tmp_path / "face_landmarker.task"
+    data = bytearray(pathlib.Path(packaged).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+    monkeypatch.setattr(landmarker, "PACKAGED_MODEL", str(damaged))
+    with pytest.raises(UserError, match="damaged"):
+        landmarker.find_landmarker_model()
+    monkeypatch.setenv(landmarker.ENV_VAR, str(tmp_path / "absent.task"))
+    with pytest.raises(UserError, match="landmarker model not found"):
+        landmarker.find_landmarker_model()
+
+
+def test_landmarks_runs_without_landmarker_argument_in_a_fresh_environment(tmp_path, shared):
     env = {k: v for k, v in os.environ.items() if k != "A1_JAX_LANDMARKER"}
-    env["HOME"] = str(tmp_path)  # no ~/.cache/a1_jax/face_landmarker.task there
+    env["HOME"] = str(tmp_path)
     process = subprocess.run(
         [sys.executable, "-m", "a1_jax", "landmarks", "--ref", str(shared / "data" / "portraits" / "ref_1.png"),
-         "--driving", str(shared / "data" / "driving" / "drive_7.mp4"), "--out", str(tmp_path / "o.mp4")],
-        env=env, capture_output=True, text=True, timeout=300)
-    assert process.returncode == 2
-    err = process.stderr.strip().splitlines()
-    assert len(err) == 1 and "Traceback" not in process.stderr
-    for place in ("--landmarker", "A1_JAX_LANDMARKER", os.path.join(".cache", "a1_jax", "face_landmarker.task")):
-        assert place in err[0]
+         "--driving", str(shared / "data" / "driving" / "drive_7.mp4"), "--out", str(tmp_path / "o.mp4"),
+         "--max-frames", "5"], env=env, capture_output=True, text=True, timeout=300)
+    assert process.returncode == 0, process.stderr
+    assert json.loads(process.stdout.strip().splitlines()[-1])["frames"] == 5
 
 
 def test_library_rejects_a_faceless_driver_before_drawing(tmp_path, reference_image, landmarker_path):

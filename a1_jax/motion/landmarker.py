@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import hashlib
 import os
 import sys
 
@@ -16,23 +18,34 @@ import numpy as np
 from a1_jax.errors import UserError
 
 ENV_VAR = "A1_JAX_LANDMARKER"
-CACHE_PATH = os.path.join("~", ".cache", "a1_jax", "face_landmarker.task")
+# The model ships with the package (MediaPipe FaceLandmarker v2 with blendshapes, Apache-2.0), checked on first use.
+PACKAGED_MODEL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets",
+                              "face_landmarker.task")
+PACKAGED_SHA256 = "64184e229b263107bc2b804c6625db1341ff2bb731874b0bcc2fe6544e0bc9ff"
+
+
+@functools.lru_cache(maxsize=None)
+def _verified(path: str, sha256: str) -> str:
+    """`path` if its bytes hash to `sha256`; a damaged or replaced file is a UserError naming both hashes."""
+    with open(path, "rb") as f:
+        actual = hashlib.sha256(f.read()).hexdigest()
+    if actual != sha256:
+        raise UserError(f"the packaged landmarker model {path} is damaged (sha256 {actual}, expected {sha256}): "
+                        f"reinstall a1_jax, or pass --landmarker PATH / set ${ENV_VAR}")
+    return path
 
 
 def find_landmarker_model(path: str | None = None) -> str:
-    """`path` if given, else `$A1_JAX_LANDMARKER`, else `~/.cache/a1_jax/face_landmarker.task`."""
+    """`path` if given, else `$A1_JAX_LANDMARKER`, else the model shipped with the package (sha256-checked)."""
+    path = path or os.environ.get(ENV_VAR, "")
     if path:
         if not os.path.isfile(path):
-            raise UserError(f"landmarker model not found: {path}")
+            raise UserError(f"landmarker model not found: {path} (from --landmarker or ${ENV_VAR})")
         return path
-    candidates = [os.environ.get(ENV_VAR, ""), os.path.expanduser(CACHE_PATH)]
-    for candidate in candidates:
-        if candidate and os.path.isfile(candidate):
-            return candidate
-    raise UserError(
-        f"MediaPipe face landmarker model not found: pass --landmarker PATH, set ${ENV_VAR}, or place it at "
-        f"{CACHE_PATH}; the file is face_landmarker.task (FaceLandmarker v2 with blendshapes) from the "
-        "MediaPipe model zoo")
+    if not os.path.isfile(PACKAGED_MODEL):
+        raise UserError(f"the packaged landmarker model is missing ({PACKAGED_MODEL}): reinstall a1_jax, or pass "
+                        f"--landmarker PATH / set ${ENV_VAR} to MediaPipe's face_landmarker.task")
+    return _verified(PACKAGED_MODEL, PACKAGED_SHA256)
 
 
 @contextlib.contextmanager
