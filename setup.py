@@ -1,5 +1,13 @@
 from setuptools import find_packages, setup
 
+# `a1-jax evaluate`'s identity metric: dlib's face-recognition ResNet, prebuilt (dlib-bin: no compiler needed) with its
+# public-domain weights; pinned to the versions the identity figures in BUILD_NOTES were measured with.
+EVAL = [
+    "dlib-bin==20.0.1.post1",
+    "face-recognition-models==0.3.0",
+    "matplotlib>=3.7",  # --plot
+]
+
 setup(
     name="a1_jax",
     version="0.1.0",
@@ -14,6 +22,8 @@ setup(
         "optax",
         "orbax-checkpoint",
         "grain",
+        "array-record",  # training-data shards (`a1-jax make-dataset` writes them; grain and TFDS read them)
+        "protobuf",  # training-data records are tf.train.Example protos (built without TensorFlow)
         "mediapipe>=1.2,<1.3",  # the Tasks API we use; 1.2 has no legacy `solutions`
         "opencv-contrib-python",  # the only OpenCV wheel: mediapipe needs it, a second one shares cv2/ and breaks it
         "imageio",
@@ -31,7 +41,9 @@ setup(
             "diffusers==0.42.1",  # the parity reference: pinned to the version our parity figures were measured on
             "transformers==5.23.0",
             "tensorflow-datasets",
+            *EVAL,  # the evaluate tests measure identity too
         ],
+        "eval": EVAL,
     },
     entry_points={"console_scripts": ["a1-jax=a1_jax.cli:main"]},
 )

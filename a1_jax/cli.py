@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from a1_jax.errors import UserError
 
-COMPONENTS = ("vae", "dit", "siglip")
+COMPONENTS = ("vae", "dit", "siglip", "scheduler")
 LANDMARKER_HELP = "MediaPipe face_landmarker.task (default: $A1_JAX_LANDMARKER, else the model shipped with a1_jax)"
 
 
@@ -34,6 +34,34 @@ def _landmarks(args: argparse.Namespace) -> dict:
     from a1_jax.motion.pipeline import run_landmarks
 
     return run_landmarks(args)
+
+
+def _make_dataset(args: argparse.Namespace) -> dict:
+    from a1_jax.train.data.writer import run_make_dataset
+
+    return run_make_dataset(args)
+
+
+def _evaluate(args: argparse.Namespace) -> dict:
+    from a1_jax.evaluate.report import run_evaluate
+
+    return run_evaluate(args)
+
+
+def _animate(args: argparse.Namespace) -> dict:
+    from a1_jax.sampling.animate import run_animate
+
+    return run_animate(args)
+
+
+def _convert(args: argparse.Namespace) -> dict:
+    from tqdm import tqdm
+
+    from a1_jax.weights.checkpoint import NETWORKS, convert
+
+    with tqdm(total=len(NETWORKS), desc="convert", unit="network", disable=None, leave=False) as bar:
+        summary = convert(args.source, args.to, progress=lambda name: bar.update())
+    return {"from": args.source, "to": args.to, **summary, "ok": True}
 
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -78,6 +106,64 @@ def build_parser() -> argparse.ArgumentParser:
                            help="expression relative to the driver's first frame (default) or absolute")
     landmarks.add_argument("--expression-scale", type=float, default=1.0, help="scale of the transferred expression")
     landmarks.set_defaults(run=_landmarks)
+
+    dataset = commands.add_parser("make-dataset", help="videos -> 49-frame training clips (ArrayRecord shards + "
+                                                       "index.json; TFDS builder `a1_clips`)")
+    dataset.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
+    dataset.add_argument("--out", required=True, help="dataset folder to create (must not hold a dataset yet)")
+    dataset.add_argument("--landmarker", help=LANDMARKER_HELP)
+    dataset.add_argument("--workers", type=int, default=1, help="videos processed in parallel (processes; the "
+                                                                "output does not depend on it)")
+    dataset.add_argument("--clips-per-shard", type=int, help="clips per ArrayRecord shard (default 256)")
+    dataset.set_defaults(run=_make_dataset)
+
+    evaluate = commands.add_parser("evaluate", help="expression, head pose, landmark motion and identity fidelity "
+                                                    "of a generated video")
+    evaluate.add_argument("--ref", help="reference portrait the video was generated from")
+    evaluate.add_argument("--driving", help="driving video")
+    evaluate.add_argument("--generated", help="generated video (12 fps, frame i follows driving frame i)")
+    evaluate.add_argument("--batch", help="CSV with columns ref, driving, generated: prints the mean over its videos "
+                                          "(each video's report goes to --out)")
+    evaluate.add_argument("--out", help="per-frame report to write (.json)")
+    evaluate.add_argument("--plot", help="figure to write (.png): jawOpen, yaw/pitch and identity over time")
+    evaluate.add_argument("--landmarker", help=LANDMARKER_HELP)
+    evaluate.add_argument("--align", choices=("sequential", "nearest"), default="sequential",
+                          help="pair generated frame i with driving frame i (default), or with its nearest motion")
+    evaluate.add_argument("--identity-frames", type=int,
+                          help="generated frames the identity is measured on, spread evenly (default 16, as the "
+                               "reference's arc_score.py; 0 = every frame)")
+    evaluate.set_defaults(run=_evaluate)
+
+    animate = commands.add_parser("animate", help="portrait + driving video -> the portrait performing the driver's "
+                                                  "motion (12-fps mp4)")
+    animate.add_argument("--ref", required=True, help="reference portrait image")
+    animate.add_argument("--driving", required=True, help="driving video (any fps; sampled at 12 fps)")
+    animate.add_argument("--out", required=True, help="animated video to write (.mp4, 12 fps)")
+    model = animate.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help="a SkyReels-A1 release folder or an `a1-jax convert` checkpoint")
+    model.add_argument("--config", default="tiny",
+                       help="without --checkpoint: seeded random weights for these configs (default: tiny)")
+    animate.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, as the reference)")
+    animate.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the face (3.0)")
+    animate.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    animate.add_argument("--max-frames", type=int, help="use at most this many 12-fps driving frames")
+    animate.add_argument("--single-clip", action="store_true",
+                         help="the reference's single-clip script: 49 control frames [ref, f0, f0, f1, ...], "
+                              "47 output frames")
+    animate.add_argument("--preview", help="also write reference | driving | control | output side by side (.mp4)")
+    animate.add_argument("--landmarker", help=LANDMARKER_HELP)
+    animate.add_argument("--mesh", default="single",
+                         help="mesh preset for parameters and activations (single, fsdp, fsdp_tensor, ... or a path)")
+    animate.add_argument("--dtype", choices=("float32", "bfloat16"),
+                         help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    animate.set_defaults(run=_animate)
+
+    conversion = commands.add_parser("convert", help="a SkyReels-A1 release folder -> one Orbax checkpoint")
+    conversion.add_argument("--from", dest="source", required=True,
+                            help="release folder (transformer/, vae/, pose_guider/, siglip-so400m-patch14-384/, "
+                                 "scheduler/)")
+    conversion.add_argument("--to", required=True, help="new folder for the checkpoint")
+    conversion.set_defaults(run=_convert)
     return parser
 
 

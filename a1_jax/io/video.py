@@ -124,16 +124,25 @@ def write_png(path: str, frame: np.ndarray) -> None:
 class VideoWriter:
     """Streaming H.264 mp4 writer (libx264, yuv420p) through imageio-ffmpeg. Frame size must be even.
 
-    Use as a context manager; `write(frame)` takes RGB uint8 `[H, W, 3]` frames of one fixed size.
+    Use as a context manager; `write(frame)` takes RGB uint8 `[H, W, 3]` frames of one fixed size. Frames go to a
+    hidden sibling file that replaces `path` only when the block ends without an exception: a failed run leaves no
+    half-written video behind, and never clobbers an existing one. A path that cannot be written fails here, before
+    any work.
     """
 
     def __init__(self, path: str, fps: float = TARGET_FPS, quality: float = 8):
-        directory = os.path.dirname(os.path.abspath(path))
+        directory, name = os.path.split(os.path.abspath(path))
         if not os.path.isdir(directory):
             raise UserError(f"output folder does not exist: {directory}")
-        if not os.path.splitext(path)[1]:
+        stem, extension = os.path.splitext(name)
+        if not extension:
             raise UserError(f"output video {path} needs a file extension (.mp4) to pick its container")
+        if os.path.isdir(path):
+            raise UserError(f"output video {path} is a folder")
+        if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+            raise UserError(f"cannot write {path}: permission denied")
         self.path, self.fps, self.quality = path, fps, quality
+        self._partial = os.path.join(directory, f".{stem}.partial{extension}")  # same extension: same container
         self._writer = None
         self._size: tuple[int, int] | None = None
 
@@ -146,7 +155,7 @@ class VideoWriter:
                 raise ValueError(f"yuv420p needs even frame sizes, got {width}x{height}")
             self._size = (height, width)
             self._writer = imageio_ffmpeg.write_frames(
-                self.path, (width, height), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
+                self._partial, (width, height), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
                 quality=self.quality, macro_block_size=1, ffmpeg_log_level="error",
                 output_params=["-preset", "veryfast"])  # 2x faster than medium, same size on mostly-black frames
             self._writer.send(None)  # start the generator
@@ -155,15 +164,30 @@ class VideoWriter:
         self._writer.send(np.ascontiguousarray(frame, dtype=np.uint8))
 
     def close(self) -> None:
+        """Finishes the file and moves it to `path` (nothing is written if no frame was)."""
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+            os.replace(self._partial, self.path)
+
+    def discard(self) -> None:
+        """Stops writing and removes the partial file; `path` is left as it was."""
+        if self._writer is not None:
+            try:
+                self._writer.close()
+            finally:
+                self._writer = None
+                if os.path.exists(self._partial):
+                    os.remove(self._partial)
 
     def __enter__(self) -> "VideoWriter":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.discard()
 
 
 def write_video(path: str, frames: Iterable[np.ndarray], fps: float = TARGET_FPS) -> int:

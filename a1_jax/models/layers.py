@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from a1_jax.parallel import axes
+from a1_jax.parallel import axes, splash
 
 Dtype = Any
 
@@ -68,16 +68,18 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, *, kernel: str = "auto",
               scale: float | None = None) -> jax.Array:
     """Bidirectional attention over `[batch, length, heads, head_dim]`; one dispatcher for every model.
 
-    `auto`: on GPU in half precision, cuDNN flash attention where it applies (XLA otherwise); elsewhere the
-    blockwise kernel for long sequences (it never materialises `[B, N, T, S]` logits) and XLA for short ones.
-    `xla`/`cudnn`/`blockwise` force one. `splash`: the TPU splash kernel (hook: wired when TPU support lands).
-    Softmax is fp32 in every kernel.
+    `auto`: on TPU the splash kernel; on GPU in half precision, cuDNN flash attention where it applies (XLA
+    otherwise); elsewhere the blockwise kernel for long sequences (it never materialises `[B, N, T, S]` logits) and
+    XLA for short ones. `xla`/`cudnn`/`blockwise`/`splash` force one (`splash` off TPU needs
+    `parallel.splash.interpret()`). Softmax is fp32 in every kernel.
     """
     if kernel not in ATTENTION_KERNELS:
         raise ValueError(f"unknown attention kernel {kernel!r}; choose from {ATTENTION_KERNELS}")
-    if kernel == "splash":
-        raise NotImplementedError("the TPU splash-attention kernel is not wired yet; use 'auto' or 'xla'")
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if kernel == "auto" and splash.on_tpu():
+        kernel = "splash"
+    if kernel == "splash":
+        return splash.splash_attention(q, k, v, scale=scale)  # heads split over the mesh under shard_map
     if kernel == "auto":
         if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
             return jax.nn.dot_product_attention(q, k, v, scale=scale, implementation=None)  # cuDNN, else XLA

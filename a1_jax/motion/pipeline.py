@@ -15,7 +15,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Iterator
+from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -69,36 +69,59 @@ def _progress(iterable, total: int, description: str, enabled: bool):
 
 def plan_motion(reference_image: np.ndarray, driving_path: str, *, landmarker_path: str | None = None,
                 max_frames: int | None = None, progress: bool = False, reference_name: str = "the reference image",
-                min_confidence: float = 0.5) -> MotionPlan:
-    """Detect the reference face and the driver's landmarks in every sampled frame a control video needs."""
+                min_confidence: float = 0.5, max_driving_frames: int | None = None) -> MotionPlan:
+    """Detect the reference face and the driver's landmarks in every sampled frame a control video needs.
+
+    `max_driving_frames`: use only the first this many 12-fps frames of the driving video."""
+    if max_driving_frames is not None and max_driving_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {max_driving_frames}")
     model = find_landmarker_model(landmarker_path)
     info = probe_video(driving_path)
-    sampled = resample_indices(info.num_frames, info.fps)
+    sampled = resample_indices(info.num_frames, info.fps)[:max_driving_frames]
     order = clip_order(len(sampled), max_frames)
     used = sampled[:int(order.max()) + 1] if len(order) else sampled[:1]
+    timestamps = [int(round(index * 1000 / info.fps)) for index in used]
+    return plan_motion_frames(reference_image, read_frames(driving_path, used), timestamps, order,
+                              landmarker_path=model, driving_name=driving_path, source_indices=used,
+                              progress=progress, reference_name=reference_name, min_confidence=min_confidence)
 
+
+def plan_motion_frames(reference_image: np.ndarray, driving_frames: Iterable[np.ndarray],
+                       timestamps_ms: Sequence[int], order: np.ndarray, *, landmarker_path: str | None = None,
+                       driving_name: str = "the driving frames", source_indices: np.ndarray | None = None,
+                       progress: bool = False, reference_name: str = "the reference image",
+                       min_confidence: float = 0.5) -> MotionPlan:
+    """`plan_motion` on driving frames the caller decodes (the dataset writer cuts clips from a video it reads once).
+
+    `driving_frames` (any iterable, consumed once) are shown at `timestamps_ms`, one per frame; `order` indexes them
+    as `MotionPlan.order` does. An iterable that ends early leaves the rest faceless, as a short container does.
+    `driving_name` names the frames in errors; `source_indices` (default `0..n-1`) is kept in the plan.
+    """
+    model = find_landmarker_model(landmarker_path)
+    count = len(timestamps_ms)
     with Landmarker(model, video=False, min_confidence=min_confidence) as landmarker:
         reference = prepare_reference(reference_image, landmarker, reference_name)
 
-    points = np.zeros((len(used), _POINTS, 3), np.float32)
-    transforms = np.tile(np.eye(4, dtype=np.float32), (len(used), 1, 1))
-    found = np.zeros(len(used), bool)
+    points = np.zeros((count, _POINTS, 3), np.float32)
+    transforms = np.tile(np.eye(4, dtype=np.float32), (count, 1, 1))
+    found = np.zeros(count, bool)
     decoded = 0
     with Landmarker(model, video=True, min_confidence=min_confidence) as landmarker:
-        frames = read_frames(driving_path, used)
-        for i, (frame, index) in enumerate(_progress(zip(frames, used), len(used), "landmarks", progress)):
+        pairs = zip(driving_frames, timestamps_ms)
+        for i, (frame, timestamp) in enumerate(_progress(pairs, count, "landmarks", progress)):
             decoded = i + 1
-            face = landmarker.detect(frame, int(round(index * 1000 / info.fps)))
+            face = landmarker.detect(frame, timestamp)
             if face is not None:
                 points[i], transforms[i], found[i] = face.points, face.transform, True
-    if decoded < len(used):  # the container promised more frames than it holds: treat the rest as faceless
+    if decoded < count:  # the container promised more frames than it holds: treat the rest as faceless
         found[decoded:] = False
     missing = int((~found).sum())
-    if missing * 2 > len(used):
-        raise UserError(f"no face in {missing} of {len(used)} sampled frames of {driving_path}: the driving video "
+    if missing * 2 > count:
+        raise UserError(f"no face in {missing} of {count} sampled frames of {driving_name}: the driving video "
                         "needs a visible face in at least half of its frames")
-    return MotionPlan(reference=reference, driving_path=driving_path, source_indices=used, order=order,
-                      driving_points=retarget.fill_missing(points, found),
+    return MotionPlan(reference=reference, driving_path=driving_name,
+                      source_indices=np.arange(count) if source_indices is None else np.asarray(source_indices),
+                      order=np.asarray(order), driving_points=retarget.fill_missing(points, found),
                       driving_transforms=retarget.fill_missing(transforms, found),
                       faces_found=int(found.sum()), frames_filled=missing)
 
@@ -132,15 +155,20 @@ def control_video(reference_image: np.ndarray, driving_path: str, *, landmarker_
     return np.stack(list(render_control(plan, motion=motion, expression_scale=expression_scale)))
 
 
+def side_by_side(canvas: np.ndarray, driving: np.ndarray, *frames: np.ndarray) -> np.ndarray:
+    """One preview frame: the reference canvas | the driving frame scaled to the canvas height | `frames`..."""
+    height, width = driving.shape[:2]
+    scaled_width = 2 * max(1, round(canvas.shape[0] * width / height / 2))  # even, for yuv420p
+    scaled = cv2.resize(driving, (scaled_width, canvas.shape[0]), interpolation=cv2.INTER_AREA)
+    return np.concatenate([canvas, scaled, *frames], axis=1)
+
+
 def _preview_frames(plan: MotionPlan, control: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """(side by side, control frame): reference canvas | driving frame scaled to 480 high | control frame."""
     frame_indices = np.concatenate([[0], plan.order])  # frame 0 shows the driver's first frame
     driving = read_frames(plan.driving_path, plan.source_indices[frame_indices])
     for frame, control_frame in zip(driving, control):
-        height, width = frame.shape[:2]
-        scaled_width = 2 * max(1, round(draw.CANVAS_HEIGHT * width / height / 2))  # even, for yuv420p
-        scaled = cv2.resize(frame, (scaled_width, draw.CANVAS_HEIGHT), interpolation=cv2.INTER_AREA)
-        yield np.concatenate([plan.reference.canvas, scaled, control_frame], axis=1), control_frame
+        yield side_by_side(plan.reference.canvas, frame, control_frame), control_frame
 
 
 def run_landmarks(args) -> dict:

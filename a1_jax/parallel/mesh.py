@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import flax.linen as nn
 import jax
 import numpy as np
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from a1_jax.config import read_json
@@ -38,7 +39,7 @@ class MeshPreset:
 
 
 def load_preset(name_or_path: str | os.PathLike) -> MeshPreset:
-    """Reads a preset by name (`single`, `fsdp`, `fsdp_tensor`, ... in `configs/mesh/`) or by path."""
+    """Reads a preset by name (`single`, `fsdp`, `fsdp_tensor`, `data_fsdp`, ... in `configs/mesh/`) or by path."""
     path = pathlib.Path(name_or_path)
     if not path.suffix and not path.exists():
         path = PRESETS / f"{path}.json"
@@ -75,11 +76,28 @@ def mesh_shape(sizes: dict[str, int], device_count: int) -> tuple[int, ...]:
     return tuple(resolved[axis] for axis in MESH_AXES)
 
 
+def device_grid(shape: tuple[int, ...], devices: Sequence[Any]) -> np.ndarray:
+    """`devices` laid out as a mesh of `shape` (in `MESH_AXES` order).
+
+    Devices of several slices (multi-slice TPU pods, joined by the slower data-center network): the `data` axis spans
+    the slices, so only the data-parallel gradient reduction crosses between them, and each slice holds the rest of
+    the mesh. Within one slice, JAX's topology-aware order (neighbouring mesh positions are neighbouring chips on
+    TPU); elsewhere the devices in order.
+    """
+    slices = len({getattr(d, "slice_index", 0) for d in devices})
+    if slices > 1:
+        if shape[0] % slices:
+            raise UserError(f"the devices span {slices} slices, so the mesh's data axis ({shape[0]}) must be a "
+                            f"multiple of {slices}: set 'data' in the mesh preset (see configs/mesh/data_fsdp.json)")
+        return mesh_utils.create_hybrid_device_mesh((shape[0] // slices, *shape[1:]), (slices,) + (1,) * (
+            len(shape) - 1), devices)
+    return mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+
+
 def make_mesh(preset: MeshPreset, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """A `Mesh` with axes `MESH_AXES` over `devices` (default: all)."""
+    """A `Mesh` with axes `MESH_AXES` over `devices` (default: all, of every host), laid out by `device_grid`."""
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(preset.sizes, len(devices))
-    return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+    return Mesh(device_grid(mesh_shape(preset.sizes, len(devices)), devices), MESH_AXES)
 
 
 @contextlib.contextmanager
@@ -101,9 +119,24 @@ def logical_specs(boxed_tree: Any) -> Any:
     return nn.get_partition_spec(boxed_tree)
 
 
+def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    """`spec` with every dimension its mesh axes do not divide left unsharded (e.g. the 3 output channels of the
+    VAE's last conv on 4 fsdp devices): such a parameter is small, and an uneven split is not allowed."""
+    dims = []
+    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
+        dims.append(axes if size % int(np.prod([mesh.shape[a] for a in names], dtype=int)) == 0 else None)
+    return PartitionSpec(*dims)
+
+
 def shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:
-    """`NamedSharding`s on `mesh` for every leaf of a boxed tree, through the logical-axis `rules`."""
-    return nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    """`NamedSharding`s on `mesh` for every leaf of a boxed tree, through the logical-axis `rules`; a dimension the
+    assigned mesh axes do not divide stays unsharded."""
+    named = nn.logical_to_mesh_sharding(logical_specs(boxed_tree), mesh, rules)
+    leaves = jax.tree_util.tree_map(lambda x: x.value if isinstance(x, nn.Partitioned) else x, boxed_tree,
+                                    is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree_util.tree_map(lambda sharding, leaf: NamedSharding(mesh, _divisible(sharding.spec, leaf.shape, mesh)),
+                                  named, leaves)
 
 
 def logical_sharding(logical_axes: Sequence[str | None], mesh: Mesh, rules: Rules) -> NamedSharding:

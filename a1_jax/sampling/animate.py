@@ -1,0 +1,57 @@
+"""`a1-jax animate`: a portrait and a driving video in, an animated 12-fps mp4 (and optional preview) out."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import time
+
+import numpy as np
+
+from a1_jax.errors import UserError
+from a1_jax.io.video import TARGET_FPS, VideoWriter, read_frames
+from a1_jax.motion.pipeline import side_by_side
+from a1_jax.sampling.animator import Animator, Report, plan_video, resolve_config_folder
+from a1_jax.weights.checkpoint import ModelConfigs
+
+RANDOM_WEIGHTS_NOTICE = "random weights: the output shows the pipeline, not a likeness"
+
+
+def run_animate(args) -> dict:
+    """Writes `args.out` (and `args.preview`: reference | driving | control | output); the summary dict."""
+    start = time.perf_counter()
+    if args.steps < 1:
+        raise UserError(f"--steps must be at least 1, got {args.steps}")
+    if args.max_frames is not None and args.max_frames < 1:
+        raise UserError(f"--max-frames must be at least 1, got {args.max_frames}")
+    with contextlib.ExitStack() as stack:  # outputs first: a path that cannot be written fails before any compute
+        writer = stack.enter_context(VideoWriter(args.out, TARGET_FPS))
+        preview = stack.enter_context(VideoWriter(args.preview, TARGET_FPS)) if args.preview else None
+        # The inputs next: a portrait or driving video without a usable face fails before any weights load.
+        folder = args.checkpoint or resolve_config_folder(args.config)
+        plan = plan_video(ModelConfigs.from_folder(folder), args.ref, args.driving, single_clip=args.single_clip,
+                          max_frames=args.max_frames, landmarker=args.landmarker, progress=True)
+        if args.checkpoint:
+            animator = Animator.from_pretrained(folder, dtype=args.dtype, mesh=args.mesh)
+        else:
+            animator = Animator.from_config(folder, seed=0, dtype=args.dtype, mesh=args.mesh)
+            print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
+        report = Report()
+        pairs = animator.frames(args.ref, args.driving, steps=args.steps, guidance=args.guidance, seed=args.seed,
+                                report=report, progress=True, plan=plan)
+        driving = None
+        for frame, control in pairs:
+            if preview is not None:
+                if driving is None:  # output frame j shows 12-fps driving frame j (the last one where a clip pads)
+                    used = report.motion.source_indices
+                    order = np.minimum(np.arange(report.expected_frames), len(used) - 1)
+                    driving = read_frames(report.motion.driving_path, used[order])
+                preview.write(side_by_side(report.reference.canvas, next(driving), control, frame))
+            writer.write(frame)
+    return {"out": args.out, "frames": report.frames, "fps": TARGET_FPS, "windows": report.windows,
+            "seconds": round(time.perf_counter() - start, 3),
+            "stage_seconds": {k: round(v, 3) for k, v in report.stage_seconds.items()},
+            "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "dtype": str(animator.dtype),
+            "faces_found": report.faces_found, "frames_filled": report.frames_filled,
+            "random_weights": animator.random_weights,
+            "ok": report.frames == report.expected_frames and report.frames > 0}

@@ -1,0 +1,391 @@
+"""The Animator: a portrait and a driving video in, the portrait performing the driver's motion out (spec §1, §6, §9).
+
+```python
+from a1_jax.sampling import Animator
+
+animator = Animator.from_pretrained("SkyReels-A1-5B", dtype="bfloat16", mesh="fsdp")   # or our converted checkpoint
+frames = animator("portrait.png", "driving.mp4", steps=10, guidance=3.0, seed=0)    # uint8 [N, 480, 720, 3], 12 fps
+```
+
+The stages are callable on their own, for scripts that bring their own control video or latents:
+
+* `prepare_reference(image)`: the 480×720 canvas and the aligned face crop;
+* `encode_reference(canvas, face)` once, then `conditions(reference, control, key)` per window: image latent (a
+  fresh posterior sample per window, as the reference re-encodes per window), pose latents, face tokens;
+* `denoise(conditions, ...)`: the whole CFG + scheduler loop, one compiled `lax.scan`, compiled once per geometry
+  (every window of a long video reuses it);
+* `decode(latents)`: the VAE decoder with tiling, through its frame-chunk driver (memory is one chunk's).
+
+Whole videos go through `frames(...)`, a generator that streams `(output, control)` frame pairs window by window
+(memory does not grow with the video), or `__call__`, which collects them. Parameters and activations are sharded by
+their logical axes on any mesh preset (`mesh=`); the VAE and SigLIP run outside the loop's jit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a1_jax import conditions as cond
+from a1_jax import diffusion, parallel
+from a1_jax.errors import UserError
+from a1_jax.io.video import read_image
+from a1_jax.models import vae
+from a1_jax.motion import face_align
+from a1_jax.motion.draw import CANVAS_HEIGHT, CANVAS_WIDTH
+from a1_jax.motion.pipeline import MotionPlan, plan_motion, render_control
+from a1_jax.motion.reference import crop_and_resize
+from a1_jax.sampling import denoise as loop
+from a1_jax.sampling.windows import WindowPlan, stitch
+from a1_jax.weights import checkpoint
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
+SINGLE_CLIP_DROP = 2  # the reference's single-clip script drops the reference frame and the duplicated first frame
+
+
+def default_dtype() -> str:
+    """bf16 on accelerators (as the reference runs); fp32 on CPU, where XLA emulates bf16 matmuls slowly."""
+    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
+
+
+def resolve_config_folder(name_or_path: str) -> str:
+    """`tiny` (a folder under `configs/`) or a path to a folder with the release layout of configs."""
+    candidate = os.path.join(CONFIGS, name_or_path)
+    if os.sep not in name_or_path and os.path.isdir(candidate):
+        return candidate
+    if os.path.isdir(name_or_path):
+        return name_or_path
+    known = sorted(d for d in os.listdir(CONFIGS) if os.path.isdir(os.path.join(CONFIGS, d, "transformer")))
+    raise UserError(f"unknown model config {name_or_path!r}: give a folder with the release's config layout or one "
+                    f"of {', '.join(known)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The reference portrait prepared for the model: its canvas and aligned face crop (uint8 RGB)."""
+
+    canvas: np.ndarray  # [H, W, 3]
+    face: np.ndarray  # [512, 512, 3]
+
+
+@dataclasses.dataclass(frozen=True)
+class EncodedReference:
+    """What every window shares: the reference latent's posterior and the face tokens."""
+
+    posterior: vae.DiagonalGaussian  # over [1, 1, h, w, C]
+    face_tokens: jax.Array  # [1, N, D], compute dtype
+
+
+@dataclasses.dataclass
+class Report:
+    """What `frames` did: filled in while it runs, complete when the generator is exhausted."""
+
+    frames: int = 0  # written so far
+    expected_frames: int = 0  # one per 12-fps driving frame (47 for a single clip), known once planned
+    windows: int = 0
+    faces_found: int = 0
+    frames_filled: int = 0
+    reference: Reference | None = None
+    motion: MotionPlan | None = None
+    stage_seconds: dict[str, float] = dataclasses.field(
+        default_factory=lambda: {"landmarks": 0.0, "conditions": 0.0, "denoise": 0.0, "decode": 0.0})
+
+
+class Animator:
+    """SkyReels-A1 inference. Build with `from_pretrained` (a checkpoint) or `from_config` (seeded random weights)."""
+
+    def __init__(self, configs: checkpoint.ModelConfigs, networks: checkpoint.Networks, params: dict[str, Any], *,
+                 mesh: jax.sharding.Mesh | None = None, rules: parallel.Rules = (), random_weights: bool = False):
+        self.configs, self.networks, self.params = configs, networks, params
+        self.mesh, self.rules, self.random_weights = mesh, rules, random_weights
+        self.dtype = jnp.dtype(networks.transformer.dtype)
+        self._step_listener: Callable[[int], None] | None = None
+        self._denoise = jax.jit(self._traced_denoise, static_argnames=("use_cfg", "on_step"))
+        self.traces = 0  # how many times the denoising loop was traced: once per geometry and step count
+
+    def _traced_denoise(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
+        self.traces += 1  # runs only while tracing
+        return loop.denoise(self.networks.transformer, *args, **kwargs)
+
+    # --- construction ------------------------------------------------------------------------------------------------
+
+    @classmethod
+    def _build(cls, folder: str, dtype: str | None, mesh: str | None, attention_kernel: str,
+               load: Callable[[checkpoint.Networks, Any], dict], random_weights: bool) -> "Animator":
+        configs = checkpoint.ModelConfigs.from_folder(folder)
+        networks = checkpoint.build_networks(configs, jnp.dtype(dtype or default_dtype()),
+                                             attention_kernel=attention_kernel)
+        mesh, rules = _mesh(mesh)
+        params = load(networks, checkpoint.param_shardings(networks, mesh, rules))
+        return cls(configs, networks, params, mesh=mesh, rules=rules, random_weights=random_weights)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
+                        mesh: str | None = None, attention_kernel: str = "auto") -> "Animator":
+        """From a release folder (`Skywork/SkyReels-A1` layout) or our converted checkpoint (`a1-jax convert`).
+
+        `dtype`: compute and parameter dtype of the DiT, VAE and pose guider (SigLIP runs in fp32); default bf16 on
+        accelerators, fp32 on CPU. `mesh`: a preset name (`single`, `fsdp`, `fsdp_tensor`, ...) or a preset
+        JSON path; default one device."""
+        path = os.fspath(path)
+        return cls._build(path, dtype, mesh, attention_kernel,
+                          lambda networks, shardings: checkpoint.load_params(path, networks, shardings), False)
+
+    @classmethod
+    def from_config(cls, config: str = "tiny", *, seed: int = 0, dtype: str | None = None,
+                    mesh: str | None = None, attention_kernel: str = "auto") -> "Animator":
+        """Seeded random weights for the configs of `config` (`tiny`, or a folder of release-layout configs)."""
+        return cls._build(resolve_config_folder(config), dtype, mesh, attention_kernel,
+                          lambda networks, shardings: checkpoint.init_params(networks, seed, shardings), True)
+
+    @contextlib.contextmanager
+    def _on_mesh(self):
+        with parallel.activate(self.mesh, self.rules):
+            yield
+
+    # --- stages ------------------------------------------------------------------------------------------------------
+
+    def prepare_reference(self, image: np.ndarray | str, *, landmarker: str | None = None) -> Reference:
+        """The canvas (the reference's crop-and-resize to the model's size) and the aligned 512×512 face crop."""
+        name, pixels = _image(image)
+        canvas = crop_and_resize(pixels, *self.configs.canvas)
+        return Reference(canvas=canvas, face=face_align.align_face(canvas, name, landmarker)[0])
+
+    def encode_reference(self, canvas: np.ndarray, face: np.ndarray) -> EncodedReference:
+        """The reference latent's posterior (tiled VAE encode) and the SigLIP face tokens: once per video."""
+        with self._on_mesh():
+            posterior = cond.reference_posterior(self.networks.vae, self.params["vae"], np.asarray(canvas)[None])
+            tokens = cond.face_tokens(self.networks.siglip, self.params["siglip"], np.asarray(face)[None],
+                                      self.dtype)
+        return EncodedReference(posterior=posterior, face_tokens=tokens)
+
+    def conditions(self, reference: EncodedReference, control: np.ndarray, key: jax.Array | None = None, *,
+                   image_noise: jax.Array | None = None) -> loop.Conditions:
+        """One window's conditions from its control video uint8 `[T, H, W, 3]` (T = 49 for the release).
+
+        The image latent is a fresh posterior sample drawn with `key`, or with `image_noise` (standard normal, the
+        posterior's shape `[1, 1, h, w, C]`) when given."""
+        control = np.asarray(control)
+        canvas = tuple(n * self.configs.vae.spatial_compression for n in reference.posterior.mean.shape[2:4])
+        if control.shape[1:3] != canvas:
+            raise ValueError(f"control frames are {control.shape[1:3]}, the reference canvas {canvas}")
+        with self._on_mesh():
+            pose = cond.pose_latents(self.networks.pose_guider, self.params["pose_guider"], control[None], self.dtype)
+            if image_noise is None:
+                image_noise = jax.random.normal(key, reference.posterior.mean.shape, jnp.float32)
+            image = cond.image_latents(reference.posterior, image_noise, self.configs.vae.scaling_factor, pose.shape[1],
+                                       self.dtype)
+        return loop.Conditions(image=image, pose=pose, face=reference.face_tokens)
+
+    def schedule(self, steps: int) -> diffusion.Schedule:
+        if steps < 1:
+            raise UserError(f"--steps must be at least 1, got {steps}")
+        return diffusion.make_schedule(self.configs.scheduler, steps)
+
+    def denoise(self, conditions: loop.Conditions, *, steps: int = 10, guidance: float = 3.0,
+                key: jax.Array | None = None, noise: jax.Array | None = None,
+                overlap: loop.Overlap | None = None) -> tuple[jax.Array, jax.Array]:
+        """The denoising loop for one window: `(latents [1, F, C, h, w], overlap tails for the next window)`.
+
+        `noise`: the initial latents (default: standard normal from `key`, in the compute dtype)."""
+        key = jax.random.key(0) if key is None else key
+        noise_key, scheduler_key = jax.random.split(key)
+        shape = conditions.pose.shape
+        if noise is None:
+            noise = jax.random.normal(noise_key, shape, jnp.float32)
+        noise = jnp.asarray(noise).astype(self.dtype)
+        schedule = self.schedule(steps)
+        if overlap is None:
+            overlap = loop.Overlap.none(steps, noise, loop.overlap_latent_frames())
+        # Every input replicated on the mesh: a fresh array and one a previous window returned then have the same
+        # type, so later windows reuse the compiled loop.
+        inputs = jax.device_put((schedule, conditions, noise, jnp.float32(guidance), overlap, scheduler_key),
+                                jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        with self._on_mesh():
+            return self._denoise(self.params["transformer"], *inputs, use_cfg=guidance > 1, on_step=self._on_step)
+
+    def decode(self, latents: jax.Array) -> np.ndarray:
+        """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (tiled VAE decode, diffusers' postprocessing)."""
+        with self._on_mesh():
+            z = cond.from_dit_layout(latents.astype(self.dtype) / self.configs.vae.scaling_factor)
+            video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=True)
+        video = np.asarray(jnp.clip(video[0].astype(jnp.float32) / 2 + 0.5, 0, 1))
+        return np.rint(video * 255).astype(np.uint8)
+
+    def _on_step(self, index: Any) -> None:
+        # Called from inside the compiled loop; traced once, so a flag here counts compilations.
+        if self._step_listener is not None:
+            self._step_listener(int(index))
+
+    # --- whole videos -------------------------------------------------------------------------------------------------
+
+    def frames(self, image: np.ndarray | str, driving: str, *, steps: int = 10, guidance: float = 3.0, seed: int = 0,
+               single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
+               report: Report | None = None, progress: bool = False,
+               plan: "VideoPlan | None" = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """`(output frame, control frame)` pairs, one per 12-fps driving frame (47 with `single_clip`, as the
+        reference's single-clip script), streamed window by window. `report` is filled in as it goes. `plan`: from
+        `plan_video` (then `image`, `driving`, `single_clip`, `max_frames` and `landmarker` are not used)."""
+        report = report if report is not None else Report()
+        self.schedule(steps)  # a bad step count fails before any work
+        if plan is None:
+            plan = plan_video(self.configs, image, driving, single_clip=single_clip, max_frames=max_frames,
+                              landmarker=landmarker, progress=progress)
+        report.stage_seconds["landmarks"] += plan.seconds
+        reference, motion = plan.reference, plan.motion
+        report.reference, report.motion = reference, motion
+        report.faces_found, report.frames_filled = motion.faces_found, motion.frames_filled
+
+        window = self.configs.clip_frames - 1
+        num_driving = len(motion.order)
+        single_clip = plan.single_clip
+        windows = (WindowPlan(num_driving=window, window=window, overlap=0) if single_clip else
+                   WindowPlan(num_driving=num_driving, window=window, overlap=loop.OVERLAP_FRAMES))
+        report.windows = len(windows.starts)
+        report.expected_frames = window + 1 - SINGLE_CLIP_DROP if single_clip else num_driving
+        bars = _Bars(progress, windows=report.windows, steps=steps)
+        self._step_listener = bars.step
+        try:
+            pairs = self._windows(reference, motion, windows, steps, guidance, seed, report, bars)
+            if single_clip:
+                decoded, control = next(pairs)
+                pairs = zip(decoded[SINGLE_CLIP_DROP:], control[SINGLE_CLIP_DROP:])
+            else:
+                pairs = stitch(windows, pairs)
+            for pair in pairs:
+                report.frames += 1
+                yield pair
+        finally:
+            self._step_listener = None
+            bars.close()
+
+    def _windows(self, reference: Reference, motion: MotionPlan, plan: WindowPlan, steps: int, guidance: float,
+                 seed: int, report: Report, bars: "_Bars") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Each window's decoded frames and control frames, both `[1 + window, H, W, 3]`."""
+        timer = _StageTimer(report.stage_seconds)
+        with timer("conditions"):
+            encoded = self.encode_reference(reference.canvas, reference.face)
+        control = render_control(motion)
+        first = next(control)  # the reference's own landmarks: frame 0 of every window
+        driving: list[np.ndarray] = []  # rendered driving control frames from `base` on
+        base, tails, key = 0, None, jax.random.key(seed)
+        for k, start in enumerate(plan.starts):
+            indices = plan.indices(start)
+            while base + len(driving) <= indices[-1]:
+                driving.append(next(control))
+            frames = np.stack([first] + [driving[i - base] for i in indices])
+            window_key, image_key = jax.random.split(jax.random.fold_in(key, k))
+            with timer("conditions"):
+                conditions = self.conditions(encoded, frames, image_key)
+                jax.block_until_ready(conditions)
+            bars.conditions.update()
+            with timer("denoise"):
+                bars.new_window()
+                overlap = None if tails is None else loop.Overlap.after(tails)
+                latents, tails = self.denoise(conditions, steps=steps, guidance=guidance, key=window_key,
+                                              overlap=overlap)
+                jax.block_until_ready(latents)
+            with timer("decode"):
+                decoded = self.decode(latents)
+            bars.decode.update()
+            yield decoded, frames
+            drop = max(0, min(plan.stride, len(driving)))  # the next window starts `stride` frames later
+            driving, base = driving[drop:], base + drop
+
+    def __call__(self, image: np.ndarray | str, driving: str, *, steps: int = 10, guidance: float = 3.0,
+                 seed: int = 0, single_clip: bool = False, max_frames: int | None = None,
+                 landmarker: str | None = None) -> np.ndarray:
+        """The animated frames, uint8 `[N, H, W, 3]` at 12 fps (one per 12-fps driving frame; 47 with `single_clip`)."""
+        return np.stack([frame for frame, _ in self.frames(image, driving, steps=steps, guidance=guidance, seed=seed,
+                                                           single_clip=single_clip, max_frames=max_frames,
+                                                           landmarker=landmarker)])
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoPlan:
+    """The reference prepared and the driver's landmarks found: what the model needs before any network runs."""
+
+    reference: Reference
+    motion: MotionPlan
+    single_clip: bool
+    seconds: float
+
+
+def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, driving: str, *, single_clip: bool = False,
+               max_frames: int | None = None, landmarker: str | None = None, progress: bool = False) -> VideoPlan:
+    """The canvas, the aligned face and the motion plan of a video (it needs the configs only, so a bad portrait
+    or driving video fails before any weights are loaded)."""
+    start = time.perf_counter()
+    if configs.canvas != (CANVAS_HEIGHT, CANVAS_WIDTH):
+        raise UserError(f"this checkpoint's transformer expects {configs.canvas[0]}x{configs.canvas[1]} frames; the "
+                        f"motion branch draws {CANVAS_HEIGHT}x{CANVAS_WIDTH} control frames")
+    name, pixels = _image(image)
+    motion = plan_motion(pixels, os.fspath(driving), landmarker_path=landmarker,
+                         max_frames=configs.clip_frames if single_clip else None, progress=progress,
+                         reference_name=name, max_driving_frames=max_frames)
+    canvas = motion.reference.canvas
+    reference = Reference(canvas=canvas, face=face_align.align_face(canvas, name, landmarker)[0])
+    return VideoPlan(reference=reference, motion=motion, single_clip=single_clip,
+                     seconds=time.perf_counter() - start)
+
+
+def _image(image: np.ndarray | str | os.PathLike) -> tuple[str, np.ndarray]:
+    """(name for messages, RGB uint8 pixels) of an image path or array."""
+    if isinstance(image, (str, os.PathLike)):
+        return os.fspath(image), read_image(os.fspath(image))
+    return "the reference image", np.asarray(image)
+
+
+def _mesh(mesh: str | None) -> tuple[jax.sharding.Mesh, parallel.Rules]:
+    """A preset name or path (None: one device) -> (Mesh, logical rules)."""
+    preset = parallel.load_preset(mesh or "single")
+    devices = jax.devices()[:1] if mesh in (None, "single") else None
+    return parallel.make_mesh(preset, devices), preset.rules
+
+
+class _StageTimer:
+    """Adds wall seconds per stage into a dict."""
+
+    def __init__(self, seconds: dict[str, float]):
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[stage] += time.perf_counter() - start
+
+
+class _Bars:
+    """The progress bars of `frames` (conditions, steps, decode per window); they show on a terminal only."""
+
+    def __init__(self, enabled: bool, windows: int, steps: int):
+        from tqdm import tqdm
+
+        bar = functools.partial(tqdm, disable=None if enabled else True, leave=False)
+        self.conditions = bar(total=windows, desc="conditions", unit="window", position=0)
+        self.steps = bar(total=windows * steps, desc="steps", unit="step", position=1)
+        self.decode = bar(total=windows, desc="decode", unit="window", position=2)
+        self._last_step: int | None = None
+
+    def new_window(self) -> None:
+        self._last_step = None
+
+    def step(self, index: int) -> None:
+        if index != self._last_step:  # on a multi-device mesh the callback may run once per device
+            self._last_step = index
+            self.steps.update()
+
+    def close(self) -> None:
+        for bar in (self.conditions, self.steps, self.decode):
+            bar.close()

@@ -1,0 +1,112 @@
+"""The denoising loop: classifier-free guidance on the face tokens and one scheduler step per iteration, compiled
+once as a `lax.scan` over the steps (spec §6.2, §6.3, §9.1).
+
+Each step runs the DiT on the batch `[uncond, cond]`: both halves see the same noisy latents, pose latents and image
+latents (channel-concatenated in that order); the unconditional half gets all-zero face features. The two
+v-predictions are combined in fp32, `v_u + g·(v_c − v_u)`, the scheduler steps in fp32 and the latents go back to the
+compute dtype, as the reference does. With `guidance <= 1` the reference skips the unconditional half; so do we.
+
+Long videos (spec §9.1): a window after the first starts steps 4–7 (the reference's `fusion_interval` (3, 8)) by
+blending its first overlapping latent frames with the previous window's latents *after* that same step, which the
+previous window's loop returns. Both arrive as arguments with fixed shapes, so the first window and every later one
+run the same executable.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from a1_jax import diffusion
+
+BLEND_AFTER, BLEND_BEFORE = 3, 8  # the reference's fusion_interval: blend at the start of steps 3 < i < 8
+OVERLAP_FRAMES = 8  # driving frames shared by consecutive windows
+FRAMES_PER_LATENT = 4
+
+
+@flax.struct.dataclass
+class Conditions:
+    """Everything a window is conditioned on, in the DiT's layout and compute dtype."""
+
+    image: jax.Array  # [1, F, C, h, w]: the reference's latent in frame 0, zeros after
+    pose: jax.Array  # [1, F, C, h, w]: pose-guider latents of the window's control video
+    face: jax.Array  # [1, N, D]: SigLIP tokens of the aligned face
+
+
+@flax.struct.dataclass
+class Overlap:
+    """The previous window's latent frames that the next one blends in, one entry per step (after that step)."""
+
+    latents: jax.Array  # [steps, 1, n, C, h, w]: the previous window's last n latent frames
+    active: jax.Array  # [steps] bool: blend at the start of this step
+
+    @classmethod
+    def none(cls, steps: int, like: jax.Array, latent_frames: int) -> "Overlap":
+        """No previous window: nothing is blended (same shapes, so the same compiled loop)."""
+        tail = jnp.zeros((steps, like.shape[0], latent_frames, *like.shape[2:]), like.dtype)
+        return cls(latents=tail, active=jnp.zeros((steps,), bool))
+
+    @classmethod
+    def after(cls, tails: jax.Array) -> "Overlap":
+        """Blend `tails` (what `denoise` returned for the previous window) at the reference's steps."""
+        steps = np.arange(tails.shape[0])
+        return cls(latents=tails, active=jnp.asarray((steps > BLEND_AFTER) & (steps < BLEND_BEFORE)))
+
+
+def overlap_latent_frames() -> int:
+    """Latent frames shared by consecutive windows: 8 driving frames / 4 per latent = 2."""
+    return OVERLAP_FRAMES // FRAMES_PER_LATENT
+
+
+def blend(latents: jax.Array, previous: jax.Array) -> jax.Array:
+    """The reference's `weighted_blending`: latent frame 0 (the reference) is kept; overlapping frame `1 + j` becomes
+    `w_j · previous[j] + (1 − w_j) · latents[1 + j]` with `w_j = (n − j) / n`, n = `previous.shape[1]`."""
+    n = previous.shape[1]
+    weights = jnp.asarray([(n - j) / n for j in range(n)], jnp.float32).reshape(1, n, 1, 1, 1)
+    mixed = (weights * previous.astype(jnp.float32) + (1 - weights) * latents[:, 1:1 + n].astype(jnp.float32))
+    return jnp.concatenate([latents[:, :1], mixed.astype(latents.dtype), latents[:, 1 + n:]], axis=1)
+
+
+def denoise(transformer: Any, params: Any, schedule: diffusion.Schedule, conditions: Conditions, noise: jax.Array,
+            guidance: jax.Array, overlap: Overlap, key: jax.Array, *, use_cfg: bool = True,
+            on_step: Callable[[Any], None] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Runs every step of `schedule` from `noise` `[1, F, C, h, w]` (compute dtype). Pure; jit it whole.
+
+    Returns the final latents and, for the next window, the last `overlap.latents.shape[2]` latent frames after each
+    step `[steps, 1, n, C, h, w]`. `key` feeds a scheduler that injects noise (DPM); `on_step(i)` is called from the
+    compiled loop after each step (progress bars).
+    """
+    dtype = noise.dtype
+    tail = overlap.latents.shape[2]
+    face = conditions.face.astype(dtype)
+    if use_cfg:
+        face = jnp.concatenate([jnp.zeros_like(face), face])
+    copies = 2 if use_cfg else 1
+    fixed = jnp.concatenate([jnp.repeat(conditions.pose, copies, axis=0),
+                             jnp.repeat(conditions.image, copies, axis=0)], axis=2).astype(dtype)
+    injects_noise = diffusion.uses_noise(schedule)
+
+    def one_step(carry, xs):
+        latents, state = carry
+        index, timestep, previous, active = xs
+        latents = jnp.where(active, blend(latents, previous), latents)
+        inputs = jnp.concatenate([jnp.repeat(latents, copies, axis=0), fixed], axis=2)
+        v = transformer.apply({"params": params}, inputs, face, jnp.full((copies,), timestep)).astype(jnp.float32)
+        if use_cfg:
+            v = v[:1] + guidance.astype(jnp.float32) * (v[1:] - v[:1])
+        step_noise = (jax.random.normal(jax.random.fold_in(key, index), latents.shape, jnp.float32)
+                      if injects_noise else None)
+        latents, state = diffusion.step(schedule, index, v, latents, state, noise=step_noise)
+        latents = latents.astype(dtype)
+        if on_step is not None:
+            jax.debug.callback(on_step, index)
+        return (latents, state), latents[:, latents.shape[1] - tail:]
+
+    steps = schedule.timesteps.shape[0]
+    xs = (jnp.arange(steps, dtype=jnp.int32), schedule.timesteps, overlap.latents, overlap.active)
+    (latents, _), tails = jax.lax.scan(one_step, (noise, diffusion.init_state(noise)), xs)
+    return latents, tails

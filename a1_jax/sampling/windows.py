@@ -1,0 +1,72 @@
+"""Long videos as overlapping windows (spec §9.1), and how their decoded frames become one video.
+
+A window holds the reference's landmark frame followed by `window` driving frames (48 for the release's 49-frame
+clips); window k starts at driving frame `stride·k` (stride = window − overlap = 40) and the last window is padded by
+repeating the last driving frame. Windows stop at the first one that reaches the end, as the reference's loop does.
+
+Stitching: window 0 gives its frames `1 …`; a later window gives frames from `1 + overlap` on. Where the reference
+smooths each seam with FILM interpolation, we cross-fade: the last `crossfade` frames of the overlap, which both
+windows rendered, go linearly from the earlier window's rendering to the later one's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Iterable, Iterator
+
+import numpy as np
+
+CROSSFADE_FRAMES = 4
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Where every window starts in the driving frames, for `num_driving` frames and windows of `window`."""
+
+    num_driving: int
+    window: int
+    overlap: int
+
+    def __post_init__(self):
+        if self.num_driving < 1:
+            raise ValueError("a window plan needs at least one driving frame")
+        if not 0 <= self.overlap < self.window:
+            raise ValueError(f"overlap {self.overlap} must be in [0, window {self.window})")
+
+    @property
+    def stride(self) -> int:
+        return self.window - self.overlap
+
+    @property
+    def starts(self) -> list[int]:
+        starts = [0]
+        while starts[-1] + self.window < self.num_driving:
+            starts.append(starts[-1] + self.stride)
+        return starts
+
+    def indices(self, start: int) -> np.ndarray:
+        """Driving-frame indices of the window at `start`, right-padded with the last driving frame."""
+        return np.minimum(np.arange(start, start + self.window), self.num_driving - 1)
+
+
+def stitch(plan: WindowPlan, windows: Iterable[tuple[np.ndarray, np.ndarray]],
+           crossfade: int = CROSSFADE_FRAMES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """`(output frame, control frame)` for every driving frame, in order, from each window's decoded frames and
+    control frames (both `[1 + window, H, W, 3]` uint8, frame 0 the reference's). Holds at most `crossfade` frames
+    back, so memory does not grow with the video."""
+    crossfade = min(crossfade, plan.overlap)
+    starts = plan.starts
+    held: list[np.ndarray] = []  # the earlier window's rendering of the next seam's cross-fade frames
+    for k, (decoded, control) in enumerate(windows):
+        start, last = starts[k], k == len(starts) - 1
+        first = 0 if k == 0 else plan.overlap  # the first frame of this window nobody emitted yet
+        for j, earlier in enumerate(held):
+            m = first - len(held) + j  # this window's rendering of the same driving frame
+            alpha = (j + 1) / (len(held) + 1)
+            mixed = np.rint((1 - alpha) * earlier.astype(np.float32) + alpha * decoded[1 + m].astype(np.float32))
+            yield mixed.astype(np.uint8), control[1 + m]
+        keep = plan.window if last else plan.window - crossfade
+        stop = min(keep, plan.num_driving - start)  # padding of the last window is dropped
+        for m in range(first, stop):
+            yield decoded[1 + m], control[1 + m]
+        held = [] if last else [decoded[1 + m].copy() for m in range(keep, plan.window)]

@@ -1,0 +1,2 @@
+"""The training clip dataset: the writer (`writer`, `a1-jax make-dataset`), the record format and index (`records`),
+the Grain pipeline that batches it (`pipeline`) and a TFDS builder over the same files (`tfds_builder`)."""

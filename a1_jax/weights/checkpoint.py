@@ -1,0 +1,319 @@
+"""SkyReels-A1 checkpoints: the release folder and our Orbax checkpoint, read the same way.
+
+Both are folders with the release's layout of configs:
+
+    transformer/config.json  vae/config.json  pose_guider/config.json
+    siglip-so400m-patch14-384/config.json  scheduler/scheduler_config.json
+
+* The **release** (Hugging Face `Skywork/SkyReels-A1`) keeps safetensors beside each config. `text_encoder/` and
+  `tokenizer/` are ignored: the reference loads T5 but never calls it.
+* **Ours** (`a1-jax convert`) keeps the same configs plus `params/`, one Orbax checkpoint of the four networks'
+  parameters (`{transformer, vae, pose_guider, siglip}`), and the marker file `a1_jax_checkpoint.json`. It restores
+  straight into the target shardings: each device reads its own shards, no host ever holds the whole model.
+
+The face-token count is SigLIP's patch count (729 for So400m/14 at 384), whatever `max_text_seq_length` the
+transformer config says: the release code hard-codes it (spec §2.1), and CogVideoX's own config says 226.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+from typing import Any, Callable, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax.core import meta
+
+from a1_jax import parallel
+from a1_jax.config import DiTConfig, SiglipConfig, VAEConfig, read_json, require
+from a1_jax.diffusion import SchedulerConfig
+from a1_jax.errors import UserError
+from a1_jax.models import dit, siglip, vae
+from a1_jax.weights import safetensors_io
+from a1_jax.weights.dit import DIT_RULES
+from a1_jax.weights.rules import apply_plan, plan_import
+from a1_jax.weights.siglip import RULES as SIGLIP_RULES, SKIP as SIGLIP_SKIP
+from a1_jax.weights.vae import DECODER_SKIP, vae_rules
+
+NETWORKS = ("transformer", "vae", "pose_guider", "siglip")
+# Where each part lives in a checkpoint folder (the release's names).
+FOLDERS = {"transformer": "transformer", "vae": "vae", "pose_guider": "pose_guider",
+           "siglip": "siglip-so400m-patch14-384", "scheduler": "scheduler"}
+MARKER = "a1_jax_checkpoint.json"
+PARAMS = "params"
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfigs:
+    """The architecture of every part of SkyReels-A1, as one checkpoint folder describes it."""
+
+    transformer: DiTConfig
+    vae: VAEConfig
+    pose_guider: VAEConfig
+    siglip: SiglipConfig
+    scheduler: SchedulerConfig
+
+    @classmethod
+    def from_folder(cls, folder: str | os.PathLike) -> "ModelConfigs":
+        """Reads and cross-checks the configs of a release-layout folder; every missing part is named at once."""
+        folder = os.fspath(folder)
+        if not os.path.isdir(folder):
+            raise UserError(f"checkpoint folder not found: {folder}")
+        files = {part: os.path.join(folder, sub, "scheduler_config.json" if part == "scheduler" else "config.json")
+                 for part, sub in FOLDERS.items()}
+        missing = [os.path.relpath(path, folder) for path in files.values() if not os.path.isfile(path)]
+        if missing:
+            raise UserError(f"{folder} is not a SkyReels-A1 checkpoint folder: missing {', '.join(missing)}")
+        siglip_config = SiglipConfig.from_json(files["siglip"])
+        transformer = DiTConfig.from_json(files["transformer"])
+        # The release code feeds every SigLIP patch token, whatever the config's max_text_seq_length says.
+        transformer = dataclasses.replace(transformer, max_text_seq_length=siglip_config.num_patches)
+        configs = cls(transformer=transformer, vae=VAEConfig.from_json(files["vae"]),
+                      pose_guider=VAEConfig.from_json(files["pose_guider"]), siglip=siglip_config,
+                      scheduler=SchedulerConfig.from_json(files["scheduler"]))
+        configs.validate(folder)
+        return configs
+
+    def validate(self, source: str) -> None:
+        """The parts must fit together the way the pipeline joins them (spec §1, §3.2, §4.2)."""
+        t, v, g = self.transformer, self.vae, self.pose_guider
+        latent = v.latent_channels
+        require(t.in_channels == 3 * latent, source,
+                f"transformer in_channels {t.in_channels} must be 3 x the VAE's latent_channels {latent} "
+                "([noise | pose | image] latents are concatenated)")
+        require(t.out_channels == latent, source,
+                f"transformer out_channels {t.out_channels} must equal the VAE's latent_channels {latent}")
+        require(g.latent_channels == latent, source,
+                f"pose_guider latent_channels {g.latent_channels} must equal the VAE's {latent}")
+        require((g.spatial_compression, g.temporal_compression_ratio) ==
+                (v.spatial_compression, v.temporal_compression_ratio), source,
+                "pose_guider and VAE must compress space and time alike")
+        require(int(v.temporal_compression_ratio) == t.temporal_compression_ratio, source,
+                f"transformer temporal_compression_ratio {t.temporal_compression_ratio} != the VAE's "
+                f"{v.temporal_compression_ratio}")
+        require(t.face_embed_dim == self.siglip.hidden_size, source,
+                f"transformer face_embed_dim {t.face_embed_dim} must equal SigLIP's hidden_size "
+                f"{self.siglip.hidden_size} (the face connector reads SigLIP tokens)")
+
+    @property
+    def canvas(self) -> tuple[int, int]:
+        """Pixel height and width the transformer was built for (480×720 for the release)."""
+        s = self.vae.spatial_compression
+        return self.transformer.sample_height * s, self.transformer.sample_width * s
+
+    @property
+    def clip_frames(self) -> int:
+        """Pixel frames of one clip (49 for the release)."""
+        return self.transformer.sample_frames
+
+
+class Networks(NamedTuple):
+    """The four Flax modules of SkyReels-A1; params are a dict with the same keys."""
+
+    transformer: dit.DiT
+    vae: vae.AutoencoderKLCogVideoX
+    pose_guider: vae.AutoencoderKLCogVideoX
+    siglip: siglip.SiglipVisionTower
+
+
+def build_networks(configs: ModelConfigs, dtype: Any = jnp.float32, *, attention_kernel: str = "auto",
+                   remat: str = "none") -> Networks:
+    """Modules computing (and storing their params) in `dtype`, except SigLIP, which runs in fp32 as the reference's
+    does (its tokens are cast to `dtype` afterwards). The pose guider is built encoder-only: its decoder is never used."""
+    return Networks(
+        transformer=dit.DiT(configs.transformer, dtype=dtype, param_dtype=dtype, attention_kernel=attention_kernel,
+                            remat=remat),
+        vae=vae.AutoencoderKLCogVideoX(configs.vae, dtype=dtype, param_dtype=dtype),
+        pose_guider=vae.AutoencoderKLCogVideoX(configs.pose_guider, encoder_only=True, dtype=dtype, param_dtype=dtype),
+        siglip=siglip.SiglipVisionTower(configs.siglip, attention_kernel=attention_kernel))
+
+
+def _init_inputs(networks: Networks) -> dict[str, tuple[jax.ShapeDtypeStruct, ...]]:
+    """The smallest inputs that create every parameter of each network (the DiT's: its sample geometry)."""
+    def one_pixel_block(config: VAEConfig) -> tuple[jax.ShapeDtypeStruct]:
+        side = config.spatial_compression
+        return (jax.ShapeDtypeStruct((1, 1, side, side, config.in_channels), jnp.float32),)
+
+    s = networks.siglip.config
+    return {"transformer": dit.example_inputs(networks.transformer.config, batch=1),
+            "vae": one_pixel_block(networks.vae.config), "pose_guider": one_pixel_block(networks.pose_guider.config),
+            "siglip": (jax.ShapeDtypeStruct((1, s.image_size, s.image_size, s.num_channels), jnp.float32),)}
+
+
+def _init(module: Any, key: jax.Array, inputs: tuple[jax.ShapeDtypeStruct, ...]) -> Any:
+    return module.init(key, *(jnp.zeros(x.shape, x.dtype) for x in inputs))["params"]
+
+
+def abstract_params(networks: Networks) -> dict[str, Any]:
+    """Boxed ShapeDtypeStruct trees (with logical axis names) of every network's params; no memory is touched."""
+    inputs = _init_inputs(networks)
+    return {name: jax.eval_shape(lambda name=name: _init(getattr(networks, name), jax.random.key(0), inputs[name]))
+            for name in NETWORKS}
+
+
+def param_shardings(networks: Networks, mesh: jax.sharding.Mesh, rules: parallel.Rules) -> dict[str, Any]:
+    """The NamedSharding of every parameter on `mesh`, from its logical axes and the preset's `rules`."""
+    return parallel.shardings(abstract_params(networks), mesh, rules)
+
+
+def init_params(networks: Networks, seed: int, shardings: Any = None) -> dict[str, Any]:
+    """Seeded random params for every network (the tiny configuration runs on these), created on `shardings`."""
+    inputs = _init_inputs(networks)
+    keys = jax.random.split(jax.random.key(seed), len(NETWORKS))
+    params = {}
+    for name, key in zip(NETWORKS, keys):
+        init = functools.partial(_init, getattr(networks, name), inputs=inputs[name])
+        params[name] = jax.jit(lambda key, init=init: meta.unbox(init(key)),
+                               out_shardings=None if shardings is None else shardings[name])(key)
+    return params
+
+
+# --- The release layout (safetensors) --------------------------------------------------------------------------------
+
+
+def _release_plans(folder: str, networks: Networks) -> tuple[dict, dict]:
+    """Opens every part's safetensors and checks names and shapes against the networks; all problems at once."""
+    targets = abstract_params(networks)
+    imports = {"transformer": (DIT_RULES, ()), "vae": (vae_rules(), ()), "pose_guider": (vae_rules(), DECODER_SKIP),
+               "siglip": (SIGLIP_RULES, SIGLIP_SKIP)}
+    states, plans, problems = {}, {}, []
+    for name in NETWORKS:
+        part = os.path.join(folder, FOLDERS[name])
+        try:
+            states[name] = safetensors_io.open_checkpoint(part)
+            rules, skip = imports[name]
+            plans[name] = plan_import(states[name].shapes(), rules, targets[name], skip=skip,
+                                      what=f"{FOLDERS[name]}/ weights")
+        except UserError as e:
+            problems.append(str(e))
+    if problems:
+        raise UserError(f"{folder}: " + " | ".join(problems))
+    return states, plans
+
+
+def _load_release(folder: str, networks: Networks, shardings: Any) -> dict[str, Any]:
+    states, plans = _release_plans(folder, networks)
+    params = {}
+    for name in NETWORKS:
+        dtype = np.dtype(getattr(networks, name).param_dtype)
+        host = apply_plan(plans[name], states[name], dtype=dtype)
+        params[name] = jax.device_put(host, None if shardings is None else shardings[name])
+    return params
+
+
+# --- Our Orbax checkpoint ----------------------------------------------------------------------------------------------
+
+
+def is_converted(folder: str | os.PathLike) -> bool:
+    return os.path.isfile(os.path.join(folder, MARKER))
+
+
+def _load_orbax(folder: str, networks: Networks, shardings: Any) -> dict[str, Any]:
+    import orbax.checkpoint as ocp
+
+    targets = meta.unbox(abstract_params(networks))
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        shardings = jax.tree_util.tree_map(lambda _: device, targets)
+    target = jax.tree_util.tree_map(lambda s, sharding: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                                    targets, shardings)
+    path = os.path.abspath(os.path.join(folder, PARAMS))
+    _check_orbax_shapes(path, targets)
+    with ocp.StandardCheckpointer() as checkpointer:
+        return checkpointer.restore(path, target)
+
+
+def _check_orbax_shapes(path: str, targets: dict) -> None:
+    """Names and shapes stored vs what the configs build, explained the way the importer explains a release."""
+    import orbax.checkpoint as ocp
+    from flax import traverse_util
+
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            stored = checkpointer.metadata(path)
+    except (FileNotFoundError, ValueError, OSError) as e:
+        raise UserError(f"cannot read the Orbax parameters in {path} ({e})") from None
+    stored = getattr(stored, "item_metadata", stored)
+    stored_shapes = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(dict(stored)).items()}
+    wanted = {"/".join(k): tuple(v.shape) for k, v in traverse_util.flatten_dict(targets).items()}
+    missing = sorted(set(wanted) - set(stored_shapes))
+    unexpected = sorted(set(stored_shapes) - set(wanted))
+    misshaped = sorted(f"{k}: stored {stored_shapes[k]}, config builds {wanted[k]}" for k in set(wanted) & set(
+        stored_shapes) if stored_shapes[k] != wanted[k])
+    problems = [f"{len(items)} {kind} ({', '.join(items[:10])}{', ...' if len(items) > 10 else ''})"
+                for kind, items in (("missing", missing), ("unexpected", unexpected), ("mis-shaped", misshaped))
+                if items]
+    if problems:
+        raise UserError(f"the checkpoint's parameters do not match its configs: {'; '.join(problems)}")
+
+
+def load_params(folder: str | os.PathLike, networks: Networks, shardings: Any = None) -> dict[str, Any]:
+    """Params of every network from a release folder or our converted checkpoint, on `shardings` (default: the
+    first device), cast to each network's `param_dtype`."""
+    folder = os.fspath(folder)
+    if is_converted(folder):
+        return _load_orbax(folder, networks, shardings)
+    return _load_release(folder, networks, shardings)
+
+
+def _copy_configs(source: str, out: str) -> None:
+    for part, sub in FOLDERS.items():
+        name = "scheduler_config.json" if part == "scheduler" else "config.json"
+        os.makedirs(os.path.join(out, sub), exist_ok=True)
+        shutil.copyfile(os.path.join(source, sub, name), os.path.join(out, sub, name))
+
+
+def prepare_output_folder(out: str) -> None:
+    """An output folder that does not exist yet (or is empty) under a writable parent: checked before any work."""
+    out = os.path.abspath(out)
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise UserError(f"output {out} already exists and is not an empty folder: choose a new path")
+    parent = os.path.dirname(out)
+    if not os.path.isdir(parent):
+        raise UserError(f"output folder's parent does not exist: {parent}")
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"cannot write to {parent}")
+
+
+def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, params: Mapping[str, Any]) -> None:
+    """Writes our checkpoint: the configs of `config_folder` and `params` as one Orbax checkpoint. The marker file
+    is written last, so a folder without it is an interrupted save, never mistaken for a checkpoint."""
+    import orbax.checkpoint as ocp
+
+    out = os.path.abspath(os.fspath(out))
+    os.makedirs(out, exist_ok=True)
+    _copy_configs(os.fspath(config_folder), out)
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(os.path.join(out, PARAMS), dict(params))
+        checkpointer.wait_until_finished()
+    with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
+        json.dump({"format": "a1_jax", "version": FORMAT_VERSION, "networks": list(NETWORKS)}, f, indent=2)
+
+
+def convert(source: str | os.PathLike, out: str | os.PathLike,
+            progress: Callable[[str], None] = lambda name: None) -> dict[str, Any]:
+    """`a1-jax convert`: a release folder -> our checkpoint, keeping the stored dtypes (bf16 stays bf16)."""
+    source, out = os.fspath(source), os.fspath(out)
+    prepare_output_folder(out)
+    configs = ModelConfigs.from_folder(source)
+    if is_converted(source):
+        raise UserError(f"{source} is already an a1_jax checkpoint: nothing to convert")
+    networks = build_networks(configs)
+    states, plans = _release_plans(source, networks)  # every part checked before anything is written
+    params, counts = {}, {}
+    for name in NETWORKS:
+        progress(name)
+        params[name] = apply_plan(plans[name], states[name])
+        counts[name] = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params[name])))
+    try:
+        save_checkpoint(out, source, params)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)  # nothing half-written is left behind
+        raise
+    return {"parameters": counts, "skipped": {name: len(plans[name].skipped) for name in NETWORKS}}

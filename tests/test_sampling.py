@@ -1,0 +1,272 @@
+"""Sampling end to end: pipeline parity against a PyTorch loop on a random release folder (one clip, and two
+long-video windows with latent blending), checkpoints (convert, sharded restore, what a bad folder says), the
+window plan and stitching, and `a1-jax animate` on the tiny configuration with the real sample assets."""
+
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from a1_jax.cli import main
+from a1_jax.errors import UserError
+from a1_jax.io.video import probe_video, read_frames, read_image, resample_indices, write_video
+from a1_jax.motion.reference import crop_and_resize
+from a1_jax.parity import errors
+from a1_jax.parity import pipeline as reference
+from a1_jax.sampling import Animator
+from a1_jax.sampling.denoise import Overlap
+from a1_jax.sampling.windows import WindowPlan, stitch
+from a1_jax.weights import checkpoint
+
+PARITY_TOLERANCE = 1e-4  # max|ours - reference| / max|reference| of the final latents, fp32 on CPU
+STEPS = 10  # steps 4-7 blend, so parity needs the release's step count
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    """A small random SkyReels-A1 in the release layout; its transformer config claims 226 face tokens."""
+    folder = tmp_path_factory.mktemp("release")
+    pipe = reference.write_release(folder)
+    return folder, pipe
+
+
+@pytest.fixture(scope="module")
+def inputs(shared):
+    """A real portrait on the small canvas, its aligned face crop, and two windows of control frames."""
+    height, width = reference.SMALL_VAE.sample_height, reference.SMALL_VAE.sample_width
+    portrait = read_image(str(shared / "data" / "portraits" / "ref_1.png"))
+    canvas = crop_and_resize(portrait, height, width)
+    face = crop_and_resize(portrait, 512, 512)
+    rng = np.random.default_rng(0)
+    # Sparse coloured strokes on black, like control frames, different in each window.
+    controls = [np.where(rng.random((49, height, width, 1)) < 0.05,
+                         rng.integers(0, 256, (49, height, width, 3)), 0).astype(np.uint8) for _ in range(2)]
+    return canvas, face, controls
+
+
+@pytest.fixture(scope="module")
+def animator(release):
+    return Animator.from_pretrained(release[0], dtype="float32")
+
+
+def _noises(animator, encoded, seed):
+    rng = np.random.default_rng(seed)
+    image_noise = rng.standard_normal(encoded.posterior.mean.shape).astype(np.float32)
+    frames, channels = 13, animator.configs.vae.latent_channels
+    latent_h, latent_w = encoded.posterior.mean.shape[2:4]
+    return image_noise, rng.standard_normal((1, frames, channels, latent_h, latent_w)).astype(np.float32)
+
+
+def _ours(animator, canvas, face, control, image_noise, noise, overlap=None):
+    encoded = animator.encode_reference(canvas, face)
+    conditions = animator.conditions(encoded, control, image_noise=image_noise)
+    return animator.denoise(conditions, steps=STEPS, guidance=3.0, noise=noise, overlap=overlap)
+
+
+# ------------------------------------------------------------------------------------------------------- parity
+def test_pipeline_parity_single_clip_and_two_blended_windows(release, inputs, animator):
+    folder, pipe = release
+    canvas, face, controls = inputs
+    encoded = animator.encode_reference(canvas, face)
+    first_noises, second_noises = _noises(animator, encoded, 1), _noises(animator, encoded, 2)
+
+    ours_0, tails = _ours(animator, canvas, face, controls[0], *first_noises)
+    theirs_0, history = reference.reference_window(pipe, canvas, controls[0], face, *first_noises, steps=STEPS)
+    ours_1, _ = _ours(animator, canvas, face, controls[1], *second_noises, overlap=Overlap.after(tails))
+    theirs_1, _ = reference.reference_window(pipe, canvas, controls[1], face, *second_noises, steps=STEPS,
+                                             cache=history)
+    table = errors({"single clip / window 0": (ours_0, theirs_0), "window 1, blended": (ours_1, theirs_1)})
+    assert all(row["max_rel_err"] <= PARITY_TOLERANCE for row in table.values()), table
+
+    # The blending is real: window 1 without it is far from the reference's blended window.
+    unblended, _ = _ours(animator, canvas, face, controls[1], *second_noises)
+    assert errors({"x": (unblended, theirs_1)})["x"]["max_rel_err"] > 100 * PARITY_TOLERANCE
+    # Every window of one geometry runs the same executable.
+    assert animator.traces == 1
+
+
+def test_release_config_saying_226_face_tokens_loads(release):
+    folder, _ = release
+    claimed = json.loads((folder / "transformer" / "config.json").read_text())["max_text_seq_length"]
+    configs = checkpoint.ModelConfigs.from_folder(folder)
+    assert claimed == 226 and configs.transformer.max_text_seq_length == configs.siglip.num_patches == 16
+
+
+# -------------------------------------------------------------------------------------------------- checkpoints
+@pytest.fixture(scope="module")
+def converted(release, tmp_path_factory):
+    out = tmp_path_factory.mktemp("converted") / "a1"
+    code = main(["convert", "--from", str(release[0]), "--to", str(out)])
+    assert code == 0
+    return out
+
+
+def test_convert_then_load_gives_the_same_latents(release, inputs, animator, converted):
+    canvas, face, controls = inputs
+    noises = _noises(animator, animator.encode_reference(canvas, face), 3)
+    expected, _ = _ours(animator, canvas, face, controls[0], *noises)
+    restored = Animator.from_pretrained(converted, dtype="float32")
+    assert checkpoint.is_converted(converted) and not list(converted.rglob("*.safetensors"))
+    got, _ = _ours(restored, canvas, face, controls[0], *noises)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
+def test_sharded_restore_gives_the_single_device_latents(inputs, animator, converted):
+    canvas, face, controls = inputs
+    noises = _noises(animator, animator.encode_reference(canvas, face), 4)
+    single, _ = _ours(animator, canvas, face, controls[0], *noises)
+    sharded_animator = Animator.from_pretrained(converted, dtype="float32", mesh="fsdp_tensor")
+    kernel = sharded_animator.params["transformer"]["blocks"]["attn"]["to_q"]["kernel"]
+    assert len(kernel.sharding.device_set) == 8 and kernel.addressable_shards[0].data.size < kernel.size
+    sharded, _ = _ours(sharded_animator, canvas, face, controls[0], *noises)
+    assert errors({"x": (sharded, single)})["x"]["max_rel_err"] <= 1e-5
+
+
+def _damaged(release, tmp_path, how):
+    folder = tmp_path / "broken"
+    shutil.copytree(release[0], folder)
+    if how == "missing part":
+        shutil.rmtree(folder / "pose_guider")
+    elif how == "missing weights":
+        (folder / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    elif how == "wrong config":
+        config = json.loads((folder / "vae" / "config.json").read_text())
+        config["block_out_channels"] = [16, 16, 16, 16]
+        (folder / "vae" / "config.json").write_text(json.dumps(config))
+    elif how == "parts that do not fit":
+        config = json.loads((folder / "transformer" / "config.json").read_text())
+        config["in_channels"] = 9
+        (folder / "transformer" / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("how, words", [
+    ("missing part", "missing pose_guider/config.json"),
+    ("missing weights", "expected one .safetensors"),
+    ("wrong config", "mis-shaped"),
+    ("parts that do not fit", "in_channels 9 must be 3 x the VAE's latent_channels 4"),
+])
+def test_bad_checkpoint_folders_are_explained(release, tmp_path, how, words):
+    folder = _damaged(release, tmp_path, how)
+    with pytest.raises(UserError, match=words):
+        Animator.from_pretrained(folder, dtype="float32")
+
+
+def test_convert_refuses_an_existing_output_before_any_work(release, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "something").write_text("x")
+    assert main(["convert", "--from", str(release[0]), "--to", str(taken)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists" in err and len(err.strip().splitlines()) == 1
+    assert main(["convert", "--from", str(tmp_path / "absent"), "--to", str(tmp_path / "new")]) == 2
+    assert not (tmp_path / "new").exists()
+
+
+# -------------------------------------------------------------------------------------------------- windows
+@pytest.mark.parametrize("num_driving, starts", [(1, [0]), (48, [0]), (49, [0, 40]), (88, [0, 40]),
+                                                  (89, [0, 40, 80]), (176, [0, 40, 80, 120, 160])])
+def test_window_starts_follow_the_reference_loop(num_driving, starts):
+    assert WindowPlan(num_driving, window=48, overlap=8).starts == starts
+
+
+def test_stitch_emits_each_driving_frame_once_with_a_cross_fade_at_each_seam():
+    plan = WindowPlan(num_driving=100, window=48, overlap=8)  # 3 windows, the last one padded by 28 frames
+    windows = []
+    for k, start in enumerate(plan.starts):
+        # Frame 1 + m of window k shows driving frame start + m; its value encodes both (k, driving frame).
+        decoded = np.zeros((49, 2, 2, 3), np.uint8)
+        control = np.zeros((49, 2, 2, 3), np.uint8)
+        for m, d in enumerate(plan.indices(start)):
+            decoded[1 + m], control[1 + m] = 100 * k, d
+        windows.append((decoded, control))
+    pairs = list(stitch(plan, windows, crossfade=4))
+    assert [int(c[0, 0, 0]) for _, c in pairs] == list(range(100))
+    window_of = [int(f[0, 0, 0]) for f, _ in pairs]
+    assert window_of[:44] == [0] * 44 and window_of[48:84] == [100] * 36 and window_of[88:] == [200] * 12
+    assert window_of[44:48] == [20, 40, 60, 80]  # 1/5 … 4/5 of the way from window 0 to window 1
+    assert window_of[84:88] == [120, 140, 160, 180]
+
+
+# -------------------------------------------------------------------------------------------------- the command
+def _animate(tmp_path, shared, *extra, capsys=None):
+    args = ["animate", "--ref", str(shared / "data" / "portraits" / "ref_4.png"), "--out", str(tmp_path / "out.mp4"),
+            "--steps", "2", *extra]
+    if "--driving" not in extra:
+        args += ["--driving", str(shared / "data" / "driving" / "drive_4.mp4")]
+    code = main(args)
+    captured = capsys.readouterr() if capsys is not None else None
+    return code, captured
+
+
+def test_animate_single_clip_on_the_tiny_configuration(tmp_path, shared, capsys):
+    code, captured = _animate(tmp_path, shared, "--single-clip", "--preview", str(tmp_path / "preview.mp4"),
+                              capsys=capsys)
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert "random weights: the output shows the pipeline, not a likeness" in captured.err
+    assert summary["frames"] == 47 and summary["windows"] == 1 and summary["ok"]
+    assert set(summary["stage_seconds"]) == {"landmarks", "conditions", "denoise", "decode"}
+    info = probe_video(str(tmp_path / "out.mp4"))
+    assert (info.num_frames, info.height, info.width, info.fps) == (47, 480, 720, 12)
+    preview = probe_video(str(tmp_path / "preview.mp4"))
+    assert preview.num_frames == 47 and preview.height == 480 and preview.width == 720 * 3 + 480
+    frames = np.stack(list(read_frames(str(tmp_path / "out.mp4"), range(47))))
+    assert frames.std() > 5  # a real, varied picture, not a constant frame
+
+
+def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shared, capsys):
+    # drive_1 forwards, backwards, forwards: 234 frames at 23.976 fps -> 117 12-fps frames: windows at 0, 40, 80.
+    source = str(shared / "data" / "driving" / "drive_1.mp4")
+    info = probe_video(source)
+    frames = list(read_frames(source, range(info.num_frames)))
+    looped = str(tmp_path / "looped.mp4")
+    write_video(looped, frames + frames[::-1] + frames, fps=info.fps)
+    available = len(resample_indices(probe_video(looped).num_frames, probe_video(looped).fps))
+    expected = 100  # --max-frames caps the 117 driving frames; windows at 0, 40 and 80 (the last padded by 28)
+    code, captured = _animate(tmp_path, shared, "--driving", looped, "--max-frames", str(expected), capsys=capsys)
+    assert code == 0, captured.err
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert available == 117 and summary["windows"] == 3 and summary["frames"] == expected and summary["ok"]
+    out = probe_video(str(tmp_path / "out.mp4"))
+    assert (out.num_frames, out.height, out.width, out.fps) == (expected, 480, 720, 12)
+
+
+@pytest.mark.parametrize("case, words", [
+    ("steps 0", "--steps must be at least 1"),
+    ("no face in the driving video", "no face"),
+    ("unwritable output", "output folder does not exist"),
+    ("missing checkpoint", "checkpoint folder not found"),
+    ("wrong config", "unknown model config"),
+])
+def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, case, words):
+    extra = []
+    if case == "steps 0":
+        extra = ["--steps", "0"]
+    elif case == "no face in the driving video":
+        blank = str(tmp_path / "blank.mp4")
+        write_video(blank, [np.zeros((64, 64, 3), np.uint8)] * 24, fps=12)
+        extra = ["--driving", blank]
+    elif case == "unwritable output":
+        extra = ["--out", str(tmp_path / "no" / "such" / "folder" / "out.mp4")]
+    elif case == "missing checkpoint":
+        extra = ["--checkpoint", str(tmp_path / "absent")]
+    elif case == "wrong config":
+        extra = ["--config", "no-such-config"]
+    args = ["animate", "--ref", str(shared / "data" / "portraits" / "ref_1.png"),
+            "--driving", str(shared / "data" / "driving" / "drive_7.mp4"), "--out", str(tmp_path / "out.mp4"), *extra]
+    if "--out" in extra:
+        args.remove(str(tmp_path / "out.mp4"))
+        args.remove("--out")
+    code = main(args)
+    err = capsys.readouterr().err
+    assert code == 2 and words in err and "Traceback" not in err
+    assert len([line for line in err.strip().splitlines() if not line.startswith("random weights")]) == 1
+    assert not [p for p in tmp_path.rglob("*out*.mp4")]  # nothing half-written left behind
