@@ -2,9 +2,13 @@
 
 import os
 import pathlib
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache per test session (subprocesses inherit it): the CLI runs and Animators the tests build
+# compile the same programs again and again.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="a1_jax_xla_cache_"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

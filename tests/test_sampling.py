@@ -230,11 +230,11 @@ def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shar
     looped = str(tmp_path / "looped.mp4")
     write_video(looped, frames + frames[::-1] + frames, fps=info.fps)
     available = len(resample_indices(probe_video(looped).num_frames, probe_video(looped).fps))
-    expected = 100  # --max-frames caps the 117 driving frames; windows at 0, 40 and 80 (the last padded by 28)
+    expected = 100  # --max-frames caps the ~117 driving frames; windows at 0, 40 and 80 (the last padded by 28)
     code, captured = _animate(tmp_path, shared, "--driving", looped, "--max-frames", str(expected), capsys=capsys)
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert available == 117 and summary["windows"] == 3 and summary["frames"] == expected and summary["ok"]
+    assert available > expected and summary["windows"] == 3 and summary["frames"] == expected and summary["ok"]
     out = probe_video(str(tmp_path / "out.mp4"))
     assert (out.num_frames, out.height, out.width, out.fps) == (expected, 480, 720, 12)
 
@@ -244,9 +244,10 @@ def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shar
     ("no face in the driving video", "no face"),
     ("unwritable output", "output folder does not exist"),
     ("missing checkpoint", "checkpoint folder not found"),
+    ("partial checkpoint", "missing pose_guider/config.json"),
     ("wrong config", "unknown model config"),
 ])
-def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, case, words):
+def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, release, case, words):
     extra = []
     if case == "steps 0":
         extra = ["--steps", "0"]
@@ -258,6 +259,8 @@ def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, case, 
         extra = ["--out", str(tmp_path / "no" / "such" / "folder" / "out.mp4")]
     elif case == "missing checkpoint":
         extra = ["--checkpoint", str(tmp_path / "absent")]
+    elif case == "partial checkpoint":
+        extra = ["--checkpoint", str(_damaged(release, tmp_path, "missing part"))]
     elif case == "wrong config":
         extra = ["--config", "no-such-config"]
     args = ["animate", "--ref", str(shared / "data" / "portraits" / "ref_1.png"),

@@ -6,8 +6,10 @@ import pathlib
 
 import jax
 import jax.numpy as jnp
+import diffusers  # the parity reference: missing, these tests fail (never skip)
 import numpy as np
 import pytest
+import torch
 from flax import traverse_util
 from flax.core import meta
 
@@ -21,9 +23,6 @@ from a1_jax.parity import FP32_TOLERANCE, errors, torch_state
 from a1_jax.parity import vae as vae_parity
 from a1_jax.weights import plan_import
 from a1_jax.weights.vae import DECODER_SKIP, load_vae_params, vae_rules
-
-torch = pytest.importorskip("torch")
-diffusers = pytest.importorskip("diffusers")
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 TINY, FIVE_B = CONFIGS / "vae_tiny.json", CONFIGS / "vae_5b.json"

@@ -77,3 +77,21 @@ def test_unreadable_files_are_user_errors(tmp_path):
         read_image(str(tmp_path / "missing.png"))
     with pytest.raises(UserError, match="output folder"):
         write_video(str(tmp_path / "no" / "such" / "dir.mp4"), [np.zeros((8, 8, 3), np.uint8)])
+
+
+def test_a_failed_write_leaves_nothing_behind_and_keeps_an_existing_video(tmp_path):
+    from a1_jax.io.video import VideoWriter
+
+    path = tmp_path / "out.mp4"
+    write_video(str(path), [np.full((32, 48, 3), 200, np.uint8)] * 4, fps=12)
+    before = path.read_bytes()
+    with pytest.raises(RuntimeError, match="mid-run"):
+        with VideoWriter(str(path), 12) as writer:
+            for _ in range(3):
+                writer.write(np.zeros((32, 48, 3), np.uint8))
+            raise RuntimeError("mid-run failure")
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
+    with VideoWriter(str(path), 12) as writer:  # a clean run replaces it
+        for _ in range(5):
+            writer.write(np.zeros((32, 48, 3), np.uint8))
+    assert probe_video(str(path)).num_frames == 5 and sorted(p.name for p in tmp_path.iterdir()) == ["out.mp4"]
