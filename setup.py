@@ -33,6 +33,7 @@ setup(
         "numpy",
         "ml_dtypes",
         "tqdm",
+        "pyyaml",  # training configs (configs/train/*.yaml)
     ],
     extras_require={
         "test": [

@@ -9,12 +9,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from typing import Any, Callable, Sequence
 
 from a1_jax.errors import UserError
 
-COMPONENTS = ("vae", "dit", "siglip", "scheduler")
+COMPONENTS = ("vae", "dit", "siglip", "scheduler", "pipeline")
+BUILT_IN_CONFIG = ("pipeline",)  # parity components that bring their own (small, release-shaped) configs
 LANDMARKER_HELP = "MediaPipe face_landmarker.task (default: $A1_JAX_LANDMARKER, else the model shipped with a1_jax)"
 
 
@@ -22,6 +24,8 @@ def _component_call(kind: str) -> Callable[[argparse.Namespace], dict]:
     """`parity`/`bench` run `a1_jax.parity.<component>.<kind>(args)`; imported late, torch is heavy."""
 
     def call(args: argparse.Namespace) -> dict:
+        if args.config is None and args.component not in BUILT_IN_CONFIG:
+            raise UserError(f"{kind} {args.component} needs --config")
         module = importlib.import_module(f"a1_jax.parity.{args.component}")
         if not hasattr(module, kind):
             raise UserError(f"'{kind}' is not available for {args.component}")
@@ -37,9 +41,21 @@ def _landmarks(args: argparse.Namespace) -> dict:
 
 
 def _make_dataset(args: argparse.Namespace) -> dict:
+    if args.latents is not None:
+        from a1_jax.train.data.latents import run_make_latents
+
+        return run_make_latents(args)
+    if args.videos is None:
+        raise UserError("make-dataset needs --videos (or --latents CHECKPOINT to add a latent cache to --out)")
     from a1_jax.train.data.writer import run_make_dataset
 
     return run_make_dataset(args)
+
+
+def _train(args: argparse.Namespace) -> dict:
+    from a1_jax.train.trainer import run_train
+
+    return run_train(args)
 
 
 def _evaluate(args: argparse.Namespace) -> dict:
@@ -66,7 +82,7 @@ def _convert(args: argparse.Namespace) -> dict:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("component", choices=COMPONENTS)
-    parser.add_argument("--config", required=True, help="the checkpoint's config.json (or its folder)")
+    parser.add_argument("--config", help="the checkpoint's config.json (or its folder); pipeline: not used")
     parser.add_argument("--checkpoint", help="folder with the reference's safetensors weights (default: random init)")
     parser.add_argument("--seed", type=int, default=0, help="seed for random weights and inputs")
     # VAE input geometry (pixels); DiT and SigLIP take theirs from the config.
@@ -109,13 +125,33 @@ def build_parser() -> argparse.ArgumentParser:
 
     dataset = commands.add_parser("make-dataset", help="videos -> 49-frame training clips (ArrayRecord shards + "
                                                        "index.json; TFDS builder `a1_clips`)")
-    dataset.add_argument("--videos", required=True, help="folder of videos (searched recursively)")
+    dataset.add_argument("--videos", help="folder of videos (searched recursively)")
     dataset.add_argument("--out", required=True, help="dataset folder to create (must not hold a dataset yet)")
     dataset.add_argument("--landmarker", help=LANDMARKER_HELP)
     dataset.add_argument("--workers", type=int, default=1, help="videos processed in parallel (processes; the "
                                                                 "output does not depend on it)")
     dataset.add_argument("--clips-per-shard", type=int, help="clips per ArrayRecord shard (default 256)")
+    dataset.add_argument("--latents", metavar="CHECKPOINT",
+                         help="also cache VAE / pose-guider latents and SigLIP tokens of fixed windows, encoded by "
+                              "this checkpoint's encoders (without --videos: add the cache to the dataset at --out)")
+    dataset.add_argument("--frames", type=int, help="--latents: frames of the cached window (1 + 4k)")
+    dataset.add_argument("--height", type=int, help="--latents: pixel height of the cached window")
+    dataset.add_argument("--width", type=int, help="--latents: pixel width of the cached window")
+    dataset.add_argument("--seed", type=int, default=0, help="--latents: seed of the first-frame noise augmentation")
     dataset.set_defaults(run=_make_dataset)
+
+    train = commands.add_parser("train", help="train the DiT (a stage config) on a make-dataset folder; resumes an "
+                                              "existing workdir")
+    train.add_argument("--config", required=True, help="training config (configs/train/*.yaml)")
+    train.add_argument("--data", required=True, help="dataset folder from `a1-jax make-dataset`")
+    train.add_argument("--workdir", required=True, help="run folder: model/, checkpoints/, metrics.jsonl")
+    train.add_argument("--steps", type=int, help="train until this many steps are done (default: the config's)")
+    train.add_argument("--save-every", type=int, help="checkpoint every N steps (default: the config's)")
+    train.add_argument("--mesh", default="fsdp",
+                       help="mesh preset (fsdp, data_fsdp, fsdp_tensor, single, ... or a path; default fsdp)")
+    train.add_argument("--init", metavar="CHECKPOINT",
+                       help="start from this release folder, converted checkpoint or workdir (overrides model.weights)")
+    train.set_defaults(run=_train)
 
     evaluate = commands.add_parser("evaluate", help="expression, head pose, landmark motion and identity fidelity "
                                                     "of a generated video")
@@ -167,8 +203,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _enable_compilation_cache() -> None:
+    """Keeps compiled XLA programs on disk (`~/.cache/a1_jax/jax`, or `$JAX_COMPILATION_CACHE_DIR`), so a second run
+    of the same command and geometry starts in seconds instead of recompiling every network."""
+    import jax
+
+    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(os.path.join("~", ".cache", "a1_jax", "jax")))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _enable_compilation_cache()
     try:
         result: dict[str, Any] = args.run(args)
     except UserError as e:

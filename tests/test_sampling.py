@@ -24,7 +24,7 @@ from a1_jax.sampling.denoise import Overlap
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
 
-PARITY_TOLERANCE = 1e-4  # max|ours - reference| / max|reference| of the final latents, fp32 on CPU
+PARITY_TOLERANCE = reference.PIPELINE_TOLERANCE  # max|ours - reference| / max|reference|, final latents, fp32
 STEPS = 10  # steps 4-7 blend, so parity needs the release's step count
 
 
@@ -56,40 +56,33 @@ def animator(release):
     return Animator.from_pretrained(release[0], dtype="float32")
 
 
-def _noises(animator, encoded, seed):
-    rng = np.random.default_rng(seed)
-    image_noise = rng.standard_normal(encoded.posterior.mean.shape).astype(np.float32)
-    frames, channels = 13, animator.configs.vae.latent_channels
-    latent_h, latent_w = encoded.posterior.mean.shape[2:4]
-    return image_noise, rng.standard_normal((1, frames, channels, latent_h, latent_w)).astype(np.float32)
-
-
 def _ours(animator, canvas, face, control, image_noise, noise, overlap=None):
     encoded = animator.encode_reference(canvas, face)
     conditions = animator.conditions(encoded, control, image_noise=image_noise)
     return animator.denoise(conditions, steps=STEPS, guidance=3.0, noise=noise, overlap=overlap)
 
 
+def _noises(animator, canvas, face, seed):
+    return reference.window_noises(animator, animator.encode_reference(canvas, face), np.random.default_rng(seed))
+
+
 # ------------------------------------------------------------------------------------------------------- parity
 def test_pipeline_parity_single_clip_and_two_blended_windows(release, inputs, animator):
+    """The release pipeline's first window (= the single-clip computation) and the next one, blended."""
     folder, pipe = release
     canvas, face, controls = inputs
-    encoded = animator.encode_reference(canvas, face)
-    first_noises, second_noises = _noises(animator, encoded, 1), _noises(animator, encoded, 2)
-
-    ours_0, tails = _ours(animator, canvas, face, controls[0], *first_noises)
-    theirs_0, history = reference.reference_window(pipe, canvas, controls[0], face, *first_noises, steps=STEPS)
-    ours_1, _ = _ours(animator, canvas, face, controls[1], *second_noises, overlap=Overlap.after(tails))
-    theirs_1, _ = reference.reference_window(pipe, canvas, controls[1], face, *second_noises, steps=STEPS,
-                                             cache=history)
-    table = errors({"single clip / window 0": (ours_0, theirs_0), "window 1, blended": (ours_1, theirs_1)})
+    outputs = reference.compare_windows(pipe, animator, canvas, face, controls, seed=1)
+    table = errors(outputs)
     assert all(row["max_rel_err"] <= PARITY_TOLERANCE for row in table.values()), table
-
-    # The blending is real: window 1 without it is far from the reference's blended window.
-    unblended, _ = _ours(animator, canvas, face, controls[1], *second_noises)
-    assert errors({"x": (unblended, theirs_1)})["x"]["max_rel_err"] > 100 * PARITY_TOLERANCE
     # Every window of one geometry runs the same executable.
     assert animator.traces == 1
+    # The blending is real: the second window's latents without it are far from the blended ones.
+    rng = np.random.default_rng(1)
+    encoded = animator.encode_reference(canvas, face)
+    reference.window_noises(animator, encoded, rng)
+    unblended, _ = _ours(animator, canvas, face, controls[1], *reference.window_noises(animator, encoded, rng))
+    blended = outputs["window 1 (blended)"][0]
+    assert errors({"x": (unblended, blended)})["x"]["max_rel_err"] > 100 * PARITY_TOLERANCE
 
 
 def test_release_config_saying_226_face_tokens_loads(release):
@@ -110,7 +103,7 @@ def converted(release, tmp_path_factory):
 
 def test_convert_then_load_gives_the_same_latents(release, inputs, animator, converted):
     canvas, face, controls = inputs
-    noises = _noises(animator, animator.encode_reference(canvas, face), 3)
+    noises = _noises(animator, canvas, face, 3)
     expected, _ = _ours(animator, canvas, face, controls[0], *noises)
     restored = Animator.from_pretrained(converted, dtype="float32")
     assert checkpoint.is_converted(converted) and not list(converted.rglob("*.safetensors"))
@@ -120,7 +113,7 @@ def test_convert_then_load_gives_the_same_latents(release, inputs, animator, con
 
 def test_sharded_restore_gives_the_single_device_latents(inputs, animator, converted):
     canvas, face, controls = inputs
-    noises = _noises(animator, animator.encode_reference(canvas, face), 4)
+    noises = _noises(animator, canvas, face, 4)
     single, _ = _ours(animator, canvas, face, controls[0], *noises)
     sharded_animator = Animator.from_pretrained(converted, dtype="float32", mesh="fsdp_tensor")
     kernel = sharded_animator.params["transformer"]["blocks"]["attn"]["to_q"]["kernel"]
@@ -273,3 +266,16 @@ def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, releas
     assert code == 2 and words in err and "Traceback" not in err
     assert len([line for line in err.strip().splitlines() if not line.startswith("random weights")]) == 1
     assert not [p for p in tmp_path.rglob("*out*.mp4")]  # nothing half-written left behind
+
+
+def test_the_python_api_example_runs(tmp_path, shared):
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
+    try:
+        import animate_example
+    finally:
+        sys.path.pop(0)
+    summary = animate_example.main(["--ref", str(shared / "data" / "portraits" / "ref_6.png"),
+                                    "--driving", str(shared / "data" / "driving" / "drive_1.mp4"),
+                                    "--out", str(tmp_path / "example.mp4"), "--steps", "1"])
+    assert summary["frames"] == 47 and summary["shape"] == [47, 480, 720, 3]
+    assert probe_video(str(tmp_path / "example.mp4")).num_frames == 47

@@ -34,7 +34,6 @@ from a1_jax.models import dit, vae
 from a1_jax.parallel import MESH_AXES, activate
 from a1_jax.parallel.plan import step_plan
 from a1_jax.sampling import denoise as loop
-from a1_jax.sampling.animator import resolve_config_folder
 from a1_jax.weights import checkpoint
 
 GB = 1e9
@@ -99,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--topology", help="compile for one chip of this TPU topology (e.g. v6e:1x1) with libtpu")
     args = parser.parse_args(argv)
-    configs = checkpoint.ModelConfigs.from_folder(resolve_config_folder(args.config))
+    configs = checkpoint.ModelConfigs.from_folder(checkpoint.model_config_folder(args.config))
     programs, nbytes = stage_programs(configs, args.dtype, args.steps)
     device = (topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[0] if args.topology
               else jax.devices()[0])

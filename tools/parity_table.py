@@ -26,6 +26,12 @@ CASES = {
     "siglip": [
         "--config configs/siglip_tiny.json",
     ],
+    "scheduler": [
+        "--config configs/5b/scheduler",
+    ],
+    "pipeline": [
+        "",  # a random release folder it writes itself
+    ],
 }
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from a1_jax.config import DiTConfig, SiglipConfig, VAEConfig
-from a1_jax.parity import import_reference, perturb_plain_tensors, to_numpy
+from a1_jax.parity import import_reference, perturb_plain_tensors, report, to_numpy
 from a1_jax.parity.dit import reference_kwargs, reference_rope
 
 # A release-shaped SkyReels-A1 small enough for a CPU test: 49-frame clips, 16 SigLIP face tokens, a 96×80 canvas
@@ -37,6 +37,7 @@ RELEASE_SCHEDULER = {"_class_name": "CogVideoXDDIMScheduler", "num_train_timeste
                      "set_alpha_to_one": True, "steps_offset": 0, "prediction_type": "v_prediction",
                      "rescale_betas_zero_snr": True, "snr_shift_scale": 1.0, "timestep_spacing": "trailing"}
 BLEND_STEPS = (3, 8)  # the release's fusion_interval: blend at the start of steps 3 < i < 8
+PIPELINE_TOLERANCE = 1e-4  # final latents after 10 steps of a 2-block DiT, fp32: the DiT's 1e-5 compounded by steps
 OVERLAP_FRAMES = 8
 
 
@@ -168,3 +169,57 @@ def reference_window(pipe: TorchPipeline, canvas: np.ndarray, control: np.ndarra
             latents = pipe.scheduler.step(v, t, latents, return_dict=False)[0]
             history.append(latents)
     return to_numpy(latents), history
+
+
+def window_noises(animator: Any, encoded: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A window's image-latent noise `[1, 1, h, w, C]` and initial latents `[1, F, C, h, w]`, standard normal."""
+    configs = animator.configs
+    latent_frames = (configs.transformer.sample_frames - 1) // configs.transformer.temporal_compression_ratio + 1
+    image_noise = rng.standard_normal(encoded.posterior.mean.shape).astype(np.float32)
+    noise = rng.standard_normal((1, latent_frames, configs.vae.latent_channels,
+                                 *encoded.posterior.mean.shape[2:4])).astype(np.float32)
+    return image_noise, noise
+
+
+def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face: np.ndarray,
+                    controls: list[np.ndarray], *, seed: int = 0, steps: int = 10,
+                    guidance: float = 3.0) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """`{window: (our final latents, the reference's)}` for consecutive windows of `controls` (each later one blended
+    with the one before, as the long pipeline does), from the same inputs and the same noises (`window_noises` of
+    `np.random.default_rng(seed)`, window after window)."""
+    from a1_jax.sampling.denoise import Overlap
+
+    rng = np.random.default_rng(seed)
+    encoded = animator.encode_reference(canvas, face)
+    outputs, overlap, history = {}, None, None
+    for k, control in enumerate(controls):
+        image_noise, noise = window_noises(animator, encoded, rng)
+        conditions = animator.conditions(encoded, control, image_noise=image_noise)
+        ours, tails = animator.denoise(conditions, steps=steps, guidance=guidance, noise=noise, overlap=overlap)
+        theirs, history = reference_window(pipe, canvas, control, face, image_noise, noise, steps=steps,
+                                           guidance=guidance, cache=history)
+        outputs[f"window {k}" + (" (blended)" if k else "")] = (np.asarray(ours), theirs)
+        overlap = Overlap.after(tails)
+    return outputs
+
+
+def parity(args: Any) -> dict:
+    """`a1-jax parity pipeline`: a random release folder written to a temporary folder, random inputs, two long-video
+    windows (the second blended), fp32 on CPU."""
+    import tempfile
+
+    from a1_jax.parity import fp32_reference
+    from a1_jax.sampling import Animator
+
+    rng = np.random.default_rng(args.seed)
+    height, width = SMALL_VAE.sample_height, SMALL_VAE.sample_width
+    canvas = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    controls = [np.where(rng.random((SMALL_DIT.sample_frames, height, width, 1)) < 0.05,
+                         rng.integers(0, 256, (SMALL_DIT.sample_frames, height, width, 3)), 0).astype(np.uint8)
+                for _ in range(2)]
+    with tempfile.TemporaryDirectory() as folder, fp32_reference():
+        pipe = write_release(folder, seed=args.seed)
+        animator = Animator.from_pretrained(folder, dtype="float32")
+        outputs = compare_windows(pipe, animator, canvas, face, controls, seed=args.seed)
+    return report("pipeline", "random release folder", controls[0].shape, outputs, tol=PIPELINE_TOLERANCE, steps=10)

@@ -11,8 +11,8 @@ import numpy as np
 from a1_jax.errors import UserError
 from a1_jax.io.video import TARGET_FPS, VideoWriter, read_frames
 from a1_jax.motion.pipeline import side_by_side
-from a1_jax.sampling.animator import Animator, Report, plan_video, resolve_config_folder
-from a1_jax.weights.checkpoint import ModelConfigs
+from a1_jax.sampling.animator import Animator, Report, plan_video
+from a1_jax.weights.checkpoint import ModelConfigs, model_config_folder
 
 RANDOM_WEIGHTS_NOTICE = "random weights: the output shows the pipeline, not a likeness"
 
@@ -28,7 +28,7 @@ def run_animate(args) -> dict:
         writer = stack.enter_context(VideoWriter(args.out, TARGET_FPS))
         preview = stack.enter_context(VideoWriter(args.preview, TARGET_FPS)) if args.preview else None
         # The inputs next: a portrait or driving video without a usable face fails before any weights load.
-        folder = args.checkpoint or resolve_config_folder(args.config)
+        folder = args.checkpoint or model_config_folder(args.config)
         plan = plan_video(ModelConfigs.from_folder(folder), args.ref, args.driving, single_clip=args.single_clip,
                           max_frames=args.max_frames, landmarker=args.landmarker, progress=True)
         if args.checkpoint:

@@ -47,25 +47,12 @@ from a1_jax.sampling import denoise as loop
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
 
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "configs")
 SINGLE_CLIP_DROP = 2  # the reference's single-clip script drops the reference frame and the duplicated first frame
 
 
 def default_dtype() -> str:
     """bf16 on accelerators (as the reference runs); fp32 on CPU, where XLA emulates bf16 matmuls slowly."""
     return "float32" if jax.default_backend() == "cpu" else "bfloat16"
-
-
-def resolve_config_folder(name_or_path: str) -> str:
-    """`tiny` (a folder under `configs/`) or a path to a folder with the release layout of configs."""
-    candidate = os.path.join(CONFIGS, name_or_path)
-    if os.sep not in name_or_path and os.path.isdir(candidate):
-        return candidate
-    if os.path.isdir(name_or_path):
-        return name_or_path
-    known = sorted(d for d in os.listdir(CONFIGS) if os.path.isdir(os.path.join(CONFIGS, d, "transformer")))
-    raise UserError(f"unknown model config {name_or_path!r}: give a folder with the release's config layout or one "
-                    f"of {', '.join(known)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +130,7 @@ class Animator:
     def from_config(cls, config: str = "tiny", *, seed: int = 0, dtype: str | None = None,
                     mesh: str | None = None, attention_kernel: str = "auto") -> "Animator":
         """Seeded random weights for the configs of `config` (`tiny`, or a folder of release-layout configs)."""
-        return cls._build(resolve_config_folder(config), dtype, mesh, attention_kernel,
+        return cls._build(checkpoint.model_config_folder(config), dtype, mesh, attention_kernel,
                           lambda networks, shardings: checkpoint.init_params(networks, seed, shardings), True)
 
     @contextlib.contextmanager

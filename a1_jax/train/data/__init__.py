@@ -1,2 +1,3 @@
 """The training clip dataset: the writer (`writer`, `a1-jax make-dataset`), the record format and index (`records`),
-the Grain pipeline that batches it (`pipeline`) and a TFDS builder over the same files (`tfds_builder`)."""
+the Grain pipeline that batches it (`pipeline`), a TFDS builder over the same files (`tfds_builder`) and the latent
+cache of fixed windows that lets training skip the frozen encoders (`latents`, `make-dataset --latents`)."""

@@ -81,17 +81,24 @@ def clip_window(record: records.ClipRecord, rng: np.random.Generator, frames: in
 def make_example(item: tuple[int, bytes], rng: np.random.Generator, *, frames: int, height: int, width: int,
                  face_dropout: float) -> dict:
     """One training example (the fields of a batch, without the batch axis) from `(clip_id, record bytes)`."""
-    import cv2
-
     clip, data = item
     record = records.parse_clip(data)
     picks = clip_window(record, rng, frames)
     drop_face = bool(rng.random() < face_dropout)
+    video, control = decode_window(record, picks, height, width)
+    return {"video": video, "control": control, "face": records.decode_image(record.face),
+            "drop_face": np.bool_(drop_face), "clip": np.int64(clip), "frames": picks}
+
+
+def decode_window(record: records.ClipRecord, picks: np.ndarray, height: int, width: int) -> tuple[np.ndarray,
+                                                                                                     np.ndarray]:
+    """The clip frames `picks` as float32 `[T, H, W, 3]` in [-1, 1]: video (area resize), control (nearest)."""
+    import cv2
+
     video = np.stack([_resize(records.decode_image(record.video[i]), height, width, cv2.INTER_AREA) for i in picks])
     control = np.stack([_resize(records.decode_image(record.control[i]), height, width, cv2.INTER_NEAREST)
                         for i in picks])
-    return {"video": _to_signed(video), "control": _to_signed(control), "face": records.decode_image(record.face),
-            "drop_face": np.bool_(drop_face), "clip": np.int64(clip), "frames": picks}
+    return _to_signed(video), _to_signed(control)
 
 
 def training_dataset(data_dir: str, *, batch_size: int, frames: int, height: int, width: int, seed: int,

@@ -1,0 +1,133 @@
+"""What training starts from: the four networks' params, and the DiT from a CogVideoX-I2V-style checkpoint.
+
+`base_model(config, mesh, rules)`: the configs and params of `model.weights` (a release folder, our converted
+checkpoint or a training workdir, e.g. the previous stage's), or seeded random params of `model.config`; every
+network's params in fp32 (the master weights; the compute dtype is the modules'), on the mesh.
+
+`model.init_transformer` then replaces the DiT with a diffusers CogVideoX transformer that has fewer input channels
+and no face connector, the way the reference assembled SkyReels-A1 (spec §2.1 item 4, §7):
+
+* `patch_embed.proj` grows to `[noise | pose | image]` with the new channels zero: a 2C-channel source is an I2V
+  model, `[noise | image]`, whose image channels move to the image slot; a C-channel source (text-to-video) gives the
+  noise channels only. So at step 0 the pose latents change nothing and the model is the source model.
+* a missing `pose_proj` connector is zero, as the reference's `zero_module` makes it: face tokens start as
+  `text_proj`'s bias.
+* a position table of another length (CogVideoX's 226 text rows vs our face-token count) keeps ours: it is the fixed
+  sin-cos table (a buffer in diffusers, never trained) with zero face rows.
+Every other tensor must match by name and shape (a `UserError` lists what does not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import traverse_util
+from flax.core import meta
+
+from a1_jax import parallel
+from a1_jax.errors import UserError
+from a1_jax.models import dit
+from a1_jax.train.config import TrainConfig
+from a1_jax.weights import checkpoint as ckpt
+from a1_jax.weights import safetensors_io
+from a1_jax.weights.dit import DIT_RULES
+from a1_jax.weights.rules import apply_plan, plan_import
+
+PROJ = ("patch_embed", "proj_kernel")
+CONNECTOR = ("pose_proj_0", "pose_proj_2")
+POSITIONS = ("patch_embed", "pos_embedding")
+
+
+@dataclasses.dataclass
+class BaseModel:
+    configs: ckpt.ModelConfigs
+    config_folder: str  # where the configs live (copied into the workdir's model/)
+    networks: ckpt.Networks  # fp32 modules (params are created and stored in fp32)
+    params: dict[str, Any]
+    report: dict[str, Any]  # what was loaded from where, for the run's summary
+
+
+def base_model(config: TrainConfig, mesh: jax.sharding.Mesh, rules: parallel.Rules) -> BaseModel:
+    weights = config.model.weights
+    folder = ckpt.config_folder(weights) if weights else ckpt.model_config_folder(config.model.config)
+    configs = ckpt.ModelConfigs.from_folder(folder)
+    networks = ckpt.build_networks(configs, jnp.float32, attention_kernel=config.compute.attention_kernel,
+                                   remat=config.compute.remat)
+    shardings = ckpt.param_shardings(networks, mesh, rules)
+    if weights:
+        params = ckpt.load_params(weights, networks, shardings)
+        report = {"weights": weights}
+    else:
+        params = ckpt.init_params(networks, config.model.seed, shardings)
+        report = {"weights": f"random (seed {config.model.seed})"}
+    if config.model.init_transformer:
+        params["transformer"], report["init_transformer"] = import_transformer(
+            config.model.init_transformer, networks.transformer, params["transformer"], shardings["transformer"])
+    return BaseModel(configs=configs, config_folder=folder, networks=networks, params=params, report=report)
+
+
+def grow_input_channels(kernel: np.ndarray, channels: int, latent: int) -> np.ndarray:
+    """A patch kernel `[p, p, C_src, D]` -> `[p, p, channels, D]` laid out `[noise | pose | image]`, new channels
+    zero: C_src = latent (noise) or 2·latent (noise | image)."""
+    source = kernel.shape[2]
+    grown = np.zeros(kernel.shape[:2] + (channels,) + kernel.shape[3:], kernel.dtype)
+    if source == latent:
+        grown[:, :, :latent] = kernel
+    elif source == 2 * latent and channels == 3 * latent:
+        grown[:, :, :latent] = kernel[:, :, :latent]
+        grown[:, :, 2 * latent:] = kernel[:, :, latent:]
+    elif source == channels:
+        grown = kernel
+    else:
+        raise UserError(f"the transformer to initialise from has {source} input channels; expected {latent} "
+                        f"(noise), {2 * latent} (noise | image, an I2V model) or {channels}")
+    return grown
+
+
+def import_transformer(folder: str, model: dit.DiT, base: dict, shardings: dict) -> tuple[dict, dict]:
+    """`base` (the DiT's params on the mesh) with every tensor of the diffusers transformer in `folder` (or its
+    `transformer/`), input channels grown and the connector zero-filled when the source lacks them."""
+    part = os.path.join(folder, "transformer")
+    state = safetensors_io.open_checkpoint(part if os.path.isdir(part) else folder)
+    shapes = state.shapes()
+    if "patch_embed.proj.weight" not in shapes:
+        raise UserError(f"{folder} is not a CogVideoX transformer checkpoint (no patch_embed.proj.weight)")
+    target = traverse_util.flatten_dict(meta.unbox(jax.eval_shape(lambda: base)))
+    channels, latent = model.config.in_channels, model.config.out_channels
+    source_channels = shapes["patch_embed.proj.weight"][1]
+    target[PROJ] = jax.ShapeDtypeStruct(target[PROJ].shape[:2] + (source_channels,) + target[PROJ].shape[3:],
+                                        jnp.float32)
+    has_connector = any(name.startswith("patch_embed.pose_proj.") for name in shapes)
+    zeroed, kept, skip = [], [], []
+    if not has_connector:
+        zeroed = [path for path in target if path[0] == "patch_embed" and path[1] in CONNECTOR]
+        for path in zeroed:
+            del target[path]
+    source_rows = shapes.get("patch_embed.pos_embedding")
+    if source_rows is not None and (POSITIONS not in target or tuple(source_rows[1:]) != target[POSITIONS].shape):
+        skip.append(r"patch_embed\.pos_embedding")
+        if POSITIONS in target:
+            kept.append(POSITIONS)
+            del target[POSITIONS]
+    plan = plan_import(shapes, DIT_RULES, traverse_util.unflatten_dict(target), skip=skip,
+                       what=f"{folder} (transformer to initialise from)")
+    host = traverse_util.flatten_dict(apply_plan(plan, state, dtype=np.float32))
+    host[PROJ] = grow_input_channels(host[PROJ], channels, latent)
+    flat_base = traverse_util.flatten_dict(base)
+    flat_shardings = traverse_util.flatten_dict(shardings)
+    out = {}
+    for path, leaf in flat_base.items():
+        if path in host:
+            out[path] = jax.device_put(host[path].astype(leaf.dtype), flat_shardings[path])
+        elif path in zeroed:
+            out[path] = jnp.zeros_like(leaf)
+        else:
+            out[path] = leaf  # the position table: ours
+    report = {"from": folder, "input_channels": [int(source_channels), int(channels)],
+              "zero_filled": ["/".join(p) for p in zeroed], "kept": ["/".join(p) for p in kept]}
+    return traverse_util.unflatten_dict(out), report

@@ -1,0 +1,434 @@
+"""Training on the tiny configuration: overfitting real clips, a sharded step against the single-device one, kill -9
+and resume, a checkpoint restored onto another mesh, the trained workdir in the sampler, the NaN stop, stage
+freezing, initialisation from an I2V-style transformer, and the latent cache. One frame dataset (the sample drivers),
+its latent cache and one tiny base model are made per session; runs are a few steps."""
+
+import copy
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import yaml
+from flax import traverse_util
+
+from a1_jax import diffusion, parallel
+from a1_jax.cli import main
+from a1_jax.config import DiTConfig, SiglipConfig, VAEConfig
+from a1_jax.errors import UserError
+from a1_jax.models import vae
+from a1_jax.parity import pipeline as reference
+from a1_jax.sampling import Animator
+from a1_jax.train import config as train_config
+from a1_jax.train import init, state as train_state, step as train_step, trainer
+from a1_jax.train.data import latents, records
+from a1_jax.train.data.pipeline import decode_window
+from a1_jax.train.data.writer import make_dataset
+from a1_jax.weights import checkpoint
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY = REPO / "configs" / "tiny"
+TINY_YAML = REPO / "configs" / "train" / "tiny.yaml"
+SHARD_TOLERANCE = 2e-5  # max|sharded - single| / max|single| after one step, fp32 (reduction order differs)
+
+
+# ---------------------------------------------------------------------------------------------------------- helpers
+def _yaml(base: pathlib.Path, **changes) -> dict:
+    """The tiny training config starting from the session's base model, with `section.key` changes."""
+    data = yaml.safe_load(TINY_YAML.read_text())
+    data["model"]["weights"] = str(base)
+    for dotted, value in changes.items():
+        section, _, key = dotted.partition("__")
+        if key:
+            data[section][key] = value
+        else:
+            data[section] = value
+    return data
+
+
+def _config(base, **changes) -> train_config.TrainConfig:
+    return train_config.from_dict(_yaml(base, **changes), "test config")
+
+
+def _write_config(folder: pathlib.Path, base, **changes) -> pathlib.Path:
+    path = folder / "train.yaml"
+    path.write_text(yaml.safe_dump(_yaml(base, **changes)))
+    return path
+
+
+def _losses(workdir) -> list[float]:
+    return [json.loads(line)["loss"] for line in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def _flat(tree) -> dict:
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
+
+
+def _relative_error(a: dict, b: dict) -> float:
+    return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)) for k in b)
+
+
+def _settings(configs):
+    return train_step.LossSettings(table=diffusion.noise_table(configs.scheduler),
+                                   scaling_factor=configs.vae.scaling_factor,
+                                   num_timesteps=configs.scheduler.num_train_timesteps)
+
+
+def _latent_batch(data, size: int) -> train_step.Batch:
+    """The first `size` latent records of the (seeded) stream, faces kept."""
+    iterator = iter(latents.latent_dataset(str(data), batch_size=size, seed=0, face_dropout=0.0, num_epochs=1,
+                                           shard_index=0, shard_count=1))
+    batch = next(iterator)
+    return train_step.Batch(**{k: jnp.asarray(batch[k]) for k in ("video", "image", "pose", "face", "drop_face")})
+
+
+def _tiny_release(folder, **dit_changes):
+    dit = dataclasses.replace(DiTConfig.from_json(TINY / "transformer" / "config.json"), **dit_changes)
+    return reference.write_release(folder, transformer=dit, vae=VAEConfig.from_json(TINY / "vae" / "config.json"),
+                                   siglip=SiglipConfig.from_json(TINY / "siglip-so400m-patch14-384" / "config.json"))
+
+
+# --------------------------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="session")
+def base(tmp_path_factory) -> pathlib.Path:
+    """The tiny configuration with random weights as our converted checkpoint (made with torch: no XLA compile).
+
+    The VAE's posterior log-variance is shifted by -10 (std e^-5), as a trained VAE's is small: a random encoder's
+    logvar is about 0, which would make every latent sample mostly fresh noise that no model can learn."""
+    from safetensors.numpy import load_file, save_file
+
+    folder = tmp_path_factory.mktemp("base")
+    _tiny_release(folder / "release")
+    weights = folder / "release" / "vae" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    bias = state["encoder.conv_out.conv.bias"].copy()
+    bias[bias.shape[0] // 2:] -= 10.0  # conv_out gives [mean | logvar]
+    state["encoder.conv_out.conv.bias"] = bias
+    save_file(state, weights)
+    checkpoint.convert(folder / "release", folder / "model")
+    return folder / "model"
+
+
+@pytest.fixture(scope="session")
+def clips(shared, tmp_path_factory) -> pathlib.Path:
+    """`make-dataset` on the three sample drivers (4 clips of 38-49 frames)."""
+    videos = tmp_path_factory.mktemp("train_videos")
+    for name in ("drive_1", "drive_4", "drive_7"):
+        (videos / f"{name}.mp4").symlink_to(shared / "data" / "driving" / f"{name}.mp4")
+    out = tmp_path_factory.mktemp("train_clips") / "data"
+    summary = make_dataset(str(videos), str(out), landmarker_path=str(shared / "models" / "face_landmarker.task"))
+    assert summary["clips"] == 4
+    return out
+
+
+@pytest.fixture(scope="session")
+def cached(clips, base, tmp_path_factory) -> pathlib.Path:
+    """The same clips with a latent cache of the tiny window (9 frames at 96x144) from the base model's encoders."""
+    out = tmp_path_factory.mktemp("train_cached") / "data"
+    (out / records.DATASET_NAME).mkdir(parents=True)
+    (out / records.DATASET_NAME / records.CONFIG).symlink_to(clips / records.DATASET_NAME / records.CONFIG)
+    (out / records.INDEX_FILE).write_text((clips / records.INDEX_FILE).read_text())
+    summary = latents.make_latents(str(out), str(base), frames=9, height=96, width=144)
+    assert summary["latent_records"] == 18  # 49-frame clips: 6 windows of 9; 38- and 40-frame clips: 4
+    return out
+
+
+def _train_command(folder, clips, workdir) -> list[str]:
+    return [sys.executable, "-m", "a1_jax", "train", "--config", str(folder / "train.yaml"), "--data", str(clips),
+            "--workdir", str(workdir), "--steps", "8", "--save-every", "3", "--mesh", "single"]
+
+
+def _environment(folder) -> dict:
+    """The subprocess runs share one persistent compilation cache: the second and third load what the first
+    compiled (the same executables, so the same numbers)."""
+    return {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest",
+            "JAX_COMPILATION_CACHE_DIR": str(folder / "jax_cache"),
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+
+
+@pytest.fixture(scope="session")
+def frames_run(clips, base, tmp_path_factory) -> pathlib.Path:
+    """8 steps on the frame dataset (the encoders run every step), EMA kept, checkpoints every 3: the uninterrupted
+    run, as a real `python -m a1_jax train` process."""
+    folder = tmp_path_factory.mktemp("frames_run")
+    _write_config(folder, base, ema_decay=0.99)
+    done = subprocess.run(_train_command(folder, clips, folder / "run"), env=_environment(folder),
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert summary["data"] == "frames" and summary["steps"] == 8 and summary["checkpoint"] == 8
+    return folder
+
+
+@pytest.fixture(scope="session")
+def overfit_run(cached, base, tmp_path_factory) -> pathlib.Path:
+    """300 steps (batch 4) on the latent cache, checkpoints at 150 and 300."""
+    workdir = tmp_path_factory.mktemp("overfit") / "run"
+    summary = trainer.train(_overfit_config(base), str(cached), str(workdir), steps=300, save_every=150, mesh="single")
+    assert summary["data"] == "latents" and summary["steps"] == 300
+    return workdir
+
+
+def _overfit_config(base):
+    return _config(base, data__face_dropout=0.0, data__batch_size=4, optimizer__learning_rate=2e-3,
+                   optimizer__warmup_steps=10, optimizer__decay_steps=301, optimizer__end_learning_rate=2e-4)
+
+
+# ------------------------------------------------------------------------------------------------------------ tests
+def test_train_overfits_real_clips_to_half_the_loss(overfit_run, cached):
+    """300 steps (batch 4) on the 18 cached windows of the sample drivers halve the training loss, measured on all of
+    them with the same timesteps and noise before and after (one fixed key): the real loss on real data, comparable."""
+    configs = checkpoint.ModelConfigs.from_folder(overfit_run)
+    networks = checkpoint.build_networks(configs)
+    before = checkpoint.load_params(overfit_run / "model", networks)["transformer"]
+    after = checkpoint.load_params(overfit_run, networks)["transformer"]
+    batch = _latent_batch(cached, 18)
+    keys = jax.random.split(jax.random.key(7), 18)
+    loss = jax.jit(lambda p: train_step.example_losses(networks.transformer, p, batch, keys, _settings(configs)).mean())
+    start, end = float(loss(before)), float(loss(after))
+    assert 0.5 < start < 5 and end <= 0.5 * start, (start, end)
+
+
+def test_shard_step_on_fsdp4_tensor2_and_accumulation_equal_the_single_device_step(cached, base):
+    """One train step from the same state and batch (4 examples) on one device, on fsdp=4 x tensor=2 (8 devices),
+    and on one device in 2 accumulated microbatches: the loss, gradient norm and every updated parameter agree to
+    SHARD_TOLERANCE (fp32; the reductions add in another order)."""
+    batch = _latent_batch(cached, 4)
+    results = {}
+    for name, accumulate in (("single", 1), ("fsdp_tensor", 1), ("single", 2)):
+        config = _config(base, data__batch_size=4, optimizer__grad_accum=accumulate)
+        mesh, rules = trainer.make_mesh(name)
+        model = init.base_model(config, mesh, rules)
+        params = model.params["transformer"]
+        labels = train_state.stage_labels(params, config.stage)
+        optimizer = train_state.make_optimizer(config.optimizer, labels)
+        init_fn = lambda p: train_state.init_state(p, optimizer, 0, False)
+        shardings = train_state.state_shardings(jax.eval_shape(init_fn, params), checkpoint.param_shardings(
+            model.networks, mesh, rules)["transformer"], mesh)
+        step, batch_shardings = trainer.build_step(config, model.configs, model.networks.transformer, labels,
+                                                   optimizer, shardings, mesh, rules)
+        state = jax.jit(init_fn, out_shardings=shardings)(params)
+        with parallel.activate(mesh, rules):
+            state, metrics = step(state, jax.device_put(batch, batch_shardings))
+        specs = " ".join(str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
+        results[name, accumulate] = (float(metrics["loss"]), float(metrics["grad_norm"]), _flat(state.params), specs)
+    single = results["single", 1]
+    assert "tensor" in results["fsdp_tensor", 1][3] and "fsdp" in results["fsdp_tensor", 1][3]
+    for other in (results["fsdp_tensor", 1], results["single", 2]):
+        assert abs(other[0] - single[0]) <= SHARD_TOLERANCE * single[0]
+        assert abs(other[1] - single[1]) <= SHARD_TOLERANCE * single[1]
+        assert _relative_error(other[2], single[2]) <= SHARD_TOLERANCE
+
+
+def test_resume_after_kill_9_logs_the_uninterrupted_losses(frames_run, clips):
+    """`python -m a1_jax train` killed with SIGKILL mid-run, then the same command again: the metrics file reads as
+    one run whose losses equal the uninterrupted run's exactly (CPU), the resume started from a checkpoint, and the
+    final params and EMA are bit-identical to the uninterrupted run's."""
+    import orbax.checkpoint as ocp
+
+    folder = frames_run
+    workdir = folder / "killed"
+    command, env = _train_command(folder, clips, workdir), _environment(folder)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    metrics = workdir / "metrics.jsonl"
+    deadline = time.time() + 300
+    while time.time() < deadline and process.poll() is None:
+        if metrics.exists() and len(metrics.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert 5 <= len(metrics.read_text().splitlines()) < 8
+
+    resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads(resumed.stdout.strip().splitlines()[-1])
+    assert summary["resumed_from"] in (3, 6) and summary["steps"] == 8
+    assert _losses(workdir) == _losses(folder / "run")
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 9))
+    with ocp.StandardCheckpointer() as saved:
+        for item in ("params", "ema"):
+            a = _flat(saved.restore(os.path.abspath(folder / "run" / "checkpoints" / "8" / item)))
+            b = _flat(saved.restore(os.path.abspath(workdir / "checkpoints" / "8" / item)))
+            assert all(np.array_equal(a[k], b[k]) for k in a), item
+
+
+def test_checkpoint_written_on_one_device_resumes_on_fsdp_tensor(overfit_run, cached, base, tmp_path):
+    """The overfit run's step-150 checkpoint (one device) resumed on fsdp=4 x tensor=2 for 10 steps: params,
+    optimizer state, data position and rng land on the new mesh, and the losses follow the single-device run's
+    steps 151-160 (fp32 tolerance: the sharded reductions add in another order)."""
+    import shutil
+
+    moved = tmp_path / "moved"
+    shutil.copytree(overfit_run, moved)
+    shutil.rmtree(moved / "checkpoints" / "300")
+    summary = trainer.train(_overfit_config(base), str(cached), str(moved), steps=160, save_every=10,
+                            mesh="fsdp_tensor")
+    assert summary["resumed_from"] == 150 and summary["mesh"]["fsdp"] == 4 and summary["mesh"]["tensor"] == 2
+    a, b = np.array(_losses(overfit_run)), np.array(_losses(moved))
+    assert len(b) == 160 and np.array_equal(a[:150], b[:150])
+    assert np.abs(a[150:160] - b[150:]).max() <= 1e-4 * a[150:160].max(), (a[150:160], b[150:])
+
+
+def test_trained_checkpoint_workdir_animates(frames_run):
+    """`Animator.from_pretrained(WORKDIR)` holds the last step's EMA as its DiT and the workdir's encoders, and runs
+    the sampler's stages on them (conditions, one denoising step, the decode) on a 96x144 canvas."""
+    import orbax.checkpoint as ocp
+
+    workdir = frames_run / "run"
+    assert checkpoint.trained_step(workdir) == (8, "ema")
+    animator = Animator.from_pretrained(workdir)
+    with ocp.StandardCheckpointer() as saved:
+        ema = _flat(saved.restore(os.path.abspath(workdir / "checkpoints" / "8" / "ema")))
+        params = _flat(saved.restore(os.path.abspath(workdir / "checkpoints" / "8" / "params")))
+    ours = _flat(animator.params["transformer"])
+    assert all(np.array_equal(v, ema[k]) for k, v in ours.items())
+    assert not all(np.array_equal(v, params[k]) for k, v in ours.items())
+    rng = np.random.default_rng(0)
+    reference_latent = animator.encode_reference(rng.integers(0, 256, (96, 144, 3), np.uint8),
+                                                 rng.integers(0, 256, (512, 512, 3), np.uint8))
+    conditions = animator.conditions(reference_latent, rng.integers(0, 256, (9, 96, 144, 3), np.uint8),
+                                     jax.random.key(0))
+    latents_, _ = animator.denoise(conditions, steps=1, key=jax.random.key(1))
+    frames = animator.decode(latents_)
+    assert frames.shape == (9, 96, 144, 3) and frames.dtype == np.uint8
+    assert np.isfinite(np.asarray(latents_)).all() and frames.std() > 0
+
+
+def test_train_stops_on_a_nan_loss_keeping_the_last_good_checkpoint(cached, base, tmp_path, capsys):
+    """A learning rate of 1e30 makes step 2's loss non-finite: exit 2, one stderr line naming step 2 and checkpoint
+    1; nothing of step 2 is logged or saved."""
+    config = _write_config(tmp_path, base, optimizer__learning_rate=1e30, optimizer__warmup_steps=0)
+    code = main(["train", "--config", str(config), "--data", str(cached), "--workdir", str(tmp_path / "run"),
+                 "--steps", "5", "--save-every", "1", "--mesh", "single"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "step 2" in err[0] and "step 1" in err[0]
+    assert [json.loads(line)["step"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1]
+    assert checkpoint.trained_step(tmp_path / "run") == (1, "params")
+
+
+def test_train_stage_patterns_freeze_the_rest(cached, base, tmp_path):
+    """Stage 'motion' (patch embedding and attention trainable): after 3 steps every frozen leaf is bit-identical to
+    the start and every trainable one moved; a pattern that matches nothing is a UserError."""
+    stage = {"name": "motion", "trainable": ["patch_embed/proj_.*", "blocks/attn/.*"], "frozen": []}
+    config = _config(base, stage=stage, optimizer__warmup_steps=0)
+    trainer.train(config, str(cached), str(tmp_path / "run"), steps=3, save_every=3, mesh="single")
+    networks = checkpoint.build_networks(checkpoint.ModelConfigs.from_folder(tmp_path / "run"))
+    start = _flat(checkpoint.load_params(base, networks)["transformer"])
+    end = _flat(checkpoint.load_params(tmp_path / "run", networks)["transformer"])
+    trainable = {k for k in start if k.startswith(("patch_embed/proj_", "blocks/attn/"))}
+    assert trainable and len(trainable) < len(start)
+    assert all(np.array_equal(start[k], end[k]) for k in set(start) - trainable)
+    assert all(not np.array_equal(start[k], end[k]) for k in trainable)
+    with pytest.raises(UserError, match="blocks/atn"):
+        trainer.train(_config(base, stage={"name": "typo", "trainable": ["blocks/atn/.*"]}), str(cached),
+                      str(tmp_path / "typo"), steps=1, mesh="single")
+
+
+def test_train_init_from_an_i2v_transformer_zero_fills_the_pose_channels(base, tmp_path):
+    """A diffusers transformer with [noise | image] input channels (8 = 2 x 4 latent channels) and no face
+    connector: its noise and image kernels land in channels 0:4 and 8:12, the pose channels 4:8 and the connector
+    are zero, the rest is the source's; so the pose latents change nothing at step 0."""
+    from safetensors.numpy import load_file, save_file
+
+    _tiny_release(tmp_path / "i2v", in_channels=8)
+    weights = tmp_path / "i2v" / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = {k: v for k, v in load_file(weights).items() if not k.startswith("patch_embed.pose_proj.")}
+    save_file(state, weights)
+    config = _config(base, model__init_transformer=str(tmp_path / "i2v"))
+    mesh, rules = trainer.make_mesh("single")
+    model = init.base_model(config, mesh, rules)
+    params = model.params["transformer"]
+    kernel = np.asarray(params["patch_embed"]["proj_kernel"])
+    source = np.transpose(state["patch_embed.proj.weight"], (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
+    assert np.array_equal(kernel[:, :, :4], source[:, :, :4]) and np.array_equal(kernel[:, :, 8:], source[:, :, 4:])
+    assert not kernel[:, :, 4:8].any() and np.abs(source).min() > 0
+    for name in ("pose_proj_0", "pose_proj_2"):
+        assert not any(np.asarray(leaf).any() for leaf in jax.tree_util.tree_leaves(params["patch_embed"][name]))
+    assert np.array_equal(np.asarray(params["blocks"]["attn"]["to_q"]["kernel"][1]),
+                          state["transformer_blocks.1.attn1.to_q.weight"].T)
+    assert sorted(model.report["init_transformer"]["zero_filled"]) == ["patch_embed/pose_proj_0/bias",
+                                                                       "patch_embed/pose_proj_0/kernel",
+                                                                       "patch_embed/pose_proj_2/bias",
+                                                                       "patch_embed/pose_proj_2/kernel"]
+    rng = np.random.default_rng(0)
+    latents_ = rng.standard_normal((1, 3, 12, 12, 18)).astype(np.float32)
+    face = rng.standard_normal((1, 16, 48)).astype(np.float32)
+    other = latents_.copy()
+    other[:, :, 4:8] = rng.standard_normal(other[:, :, 4:8].shape)
+    apply = jax.jit(lambda x: model.networks.transformer.apply({"params": params}, x, face, jnp.array([500.0])))
+    assert np.array_equal(np.asarray(apply(latents_)), np.asarray(apply(other)))
+    with pytest.raises(UserError, match="input channels"):
+        init.grow_input_channels(np.zeros((6, 6, 5, 64), np.float32), 12, 4)
+
+
+def test_data_latent_cache_holds_the_encoders_outputs(cached, base):
+    """A cached record equals the frozen encoders on its window with the writer's key (within float16 rounding):
+    pose latents, the window's posterior, the noise-augmented reference's posterior and the face tokens; the
+    fingerprint tells other encoders apart."""
+    index = records.read_index(str(cached))
+    block = index["latents"]
+    assert (block["frames"], block["height"], block["width"]) == (9, 96, 144)
+    from array_record.python.array_record_data_source import ArrayRecordDataSource
+
+    stored = latents.parse(ArrayRecordDataSource([os.path.join(cached, block["shards"][0]["path"])])[7],
+                           block["shapes"])
+    clip = records.parse_clip(ArrayRecordDataSource(records.shard_paths(str(cached), index))[int(stored["clip"])])
+    video, control = decode_window(clip, stored["frames"], 96, 144)
+    configs = checkpoint.ModelConfigs.from_folder(base)
+    networks = checkpoint.build_networks(configs)
+    params = checkpoint.load_params(base, networks)
+    face = train_step.siglip_pixels(records.decode_image(clip.face)[None], configs.siglip.image_size)
+    fresh = train_step.encode_batch(networks, params, {"video": jnp.asarray(video[None]),
+                                                       "control": jnp.asarray(control[None]),
+                                                       "face_pixels": jnp.asarray(face),
+                                                       "drop_face": jnp.zeros((1,), bool)},
+                                    jax.random.fold_in(jax.random.key(0), 7),  # the writer's key of record 7
+                                    image_noise=(-3.0, 0.5), dtype=jnp.float32)
+    for name, field in (("pose_latents", fresh.pose), ("video_latent", fresh.video), ("face_tokens", fresh.face),
+                        ("image_latent", fresh.image)):
+        want = np.asarray(field[0])
+        assert stored[name].shape == want.shape
+        assert np.abs(stored[name] - want).max() <= 2 ** -10 * np.abs(want).max(), name
+    # The reference latent is of the noise-augmented frame: far from the clean frame's.
+    clean = vae.encode(networks.vae, params["vae"], jnp.asarray(video[None, :1]), tiling=True).mean[0]
+    assert np.abs(stored["image_latent"][..., :4] - np.asarray(clean)).max() > 0.01 * np.abs(clean).max()
+    assert stored["frames"][0] == 0 and np.array_equal(np.diff(stored["frames"][1:]), np.ones(7))
+    other = copy.deepcopy(params)
+    other["vae"] = jax.tree_util.tree_map(lambda x: x + 1, other["vae"])
+    assert latents.encoder_fingerprint(other) != block["fingerprint"] == latents.encoder_fingerprint(params)
+
+
+def test_train_face_dropout_zeroes_the_face_tokens(cached, base):
+    """An example flagged `drop_face` sees all-zero face tokens: changing its tokens changes nothing, while the same
+    change moves the loss of an example that keeps its face."""
+    configs = checkpoint.ModelConfigs.from_folder(base)
+    networks = checkpoint.build_networks(configs)
+    params = checkpoint.load_params(base, networks)["transformer"]
+    batch = _latent_batch(cached, 2).replace(drop_face=jnp.array([True, False]))
+    keys = jax.random.split(jax.random.key(3), 2)
+    losses = jax.jit(lambda b: train_step.example_losses(networks.transformer, params, b, keys, _settings(configs)))
+    before, after = np.asarray(losses(batch)), np.asarray(losses(batch.replace(face=batch.face * 3 + 1)))
+    assert before[0] == after[0] and abs(before[1] - after[1]) > 1e-4 * before[1]
+
+
+def test_train_cli_refuses_a_foreign_workdir_and_a_changed_config(frames_run, clips, base, tmp_path, capsys):
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    config = str(frames_run / "train.yaml")
+    assert main(["train", "--config", config, "--data", str(clips), "--workdir", str(foreign), "--mesh", "single"]) == 2
+    changed = _write_config(tmp_path, base, optimizer__learning_rate=5e-4)
+    assert main(["train", "--config", str(changed), "--data", str(clips), "--workdir", str(frames_run / "run"),
+                 "--mesh", "single"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "not a training workdir" in err[0] and "optimizer.learning_rate" in err[1]
