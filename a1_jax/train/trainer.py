@@ -215,7 +215,7 @@ def _dataset(config: train_config.TrainConfig, data_dir: str, fingerprint: str |
     return iter(dataset), cached
 
 
-def _abstract_batch(config: train_config.TrainConfig, configs: ckpt.ModelConfigs) -> train_step.Batch:
+def abstract_batch(config: train_config.TrainConfig, configs: ckpt.ModelConfigs) -> train_step.Batch:
     d, c = config.data, configs.vae.latent_channels
     s = configs.vae.spatial_compression
     frames, h, w = (d.frames - 1) // configs.transformer.temporal_compression_ratio + 1, d.height // s, d.width // s
@@ -237,7 +237,7 @@ def build_step(config: train_config.TrainConfig, configs: ckpt.ModelConfigs, tra
                                        num_timesteps=configs.scheduler.num_train_timesteps)
     step = train_step.make_train_step(transformer, optimizer, labels, settings, grad_accum=config.optimizer.grad_accum,
                                       ema_decay=config.ema_decay)
-    abstract = _abstract_batch(config, configs)
+    abstract = abstract_batch(config, configs)
     batch_shardings = jax.tree_util.tree_map(lambda x: parallel.logical_sharding(x, mesh, rules),
                                              train_step.batch_axes(abstract),
                                              is_leaf=lambda x: isinstance(x, tuple))
