@@ -11,6 +11,7 @@ import importlib
 import json
 import os
 import sys
+import warnings
 from typing import Any, Callable, Sequence
 
 from a1_jax.errors import UserError
@@ -215,6 +216,9 @@ def _enable_compilation_cache() -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _enable_compilation_cache()
+    # ffmpeg is started with subprocess, which forks and immediately execs: JAX's threads are never touched in the
+    # child, so JAX's warning about forking is noise on the user's terminal.
+    warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
     try:
         result: dict[str, Any] = args.run(args)
     except UserError as e:
