@@ -9,7 +9,8 @@ frames = animator("portrait.png", "driving.mp4", steps=10, guidance=3.0, seed=0)
 
 The stages are callable on their own, for scripts that bring their own control video or latents:
 
-* `prepare_reference(image)`: the 480×720 canvas and the aligned face crop;
+* `plan_video(configs, image, driving)`: the canvas, aligned face and landmarks of a video (or
+  `prepare_reference(image)`: canvas and face only, for a control video of your own);
 * `encode_reference(canvas, face)` once, then `conditions(reference, control, key)` per window: image latent (a
   fresh posterior sample per window, as the reference re-encodes per window), pose latents, face tokens;
 * `denoise(conditions, ...)`: the whole CFG + scheduler loop, one compiled `lax.scan`, compiled once per geometry
@@ -143,8 +144,7 @@ class Animator:
     def prepare_reference(self, image: np.ndarray | str, *, landmarker: str | None = None) -> Reference:
         """The canvas (the reference's crop-and-resize to the model's size) and the aligned 512×512 face crop."""
         name, pixels = _image(image)
-        canvas = crop_and_resize(pixels, *self.configs.canvas)
-        return Reference(canvas=canvas, face=face_align.align_face(canvas, name, landmarker)[0])
+        return _aligned(crop_and_resize(pixels, *self.configs.canvas), name, landmarker)
 
     def encode_reference(self, canvas: np.ndarray, face: np.ndarray) -> EncodedReference:
         """The reference latent's posterior (tiled VAE encode) and the SigLIP face tokens: once per video."""
@@ -318,10 +318,13 @@ def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, drivin
     motion = plan_motion(pixels, os.fspath(driving), landmarker_path=landmarker,
                          max_frames=configs.clip_frames if single_clip else None, progress=progress,
                          reference_name=name, max_driving_frames=max_frames)
-    canvas = motion.reference.canvas
-    reference = Reference(canvas=canvas, face=face_align.align_face(canvas, name, landmarker)[0])
-    return VideoPlan(reference=reference, motion=motion, single_clip=single_clip,
-                     seconds=time.perf_counter() - start)
+    return VideoPlan(reference=_aligned(motion.reference.canvas, name, landmarker), motion=motion,
+                     single_clip=single_clip, seconds=time.perf_counter() - start)
+
+
+def _aligned(canvas: np.ndarray, name: str, landmarker: str | None) -> Reference:
+    """The canvas with its aligned 512×512 face crop (the reference's 5-point similarity fit)."""
+    return Reference(canvas=canvas, face=face_align.align_face(canvas, name, landmarker)[0])
 
 
 def _image(image: np.ndarray | str | os.PathLike) -> tuple[str, np.ndarray]:
