@@ -119,14 +119,27 @@ def logical_specs(boxed_tree: Any) -> Any:
     return nn.get_partition_spec(boxed_tree)
 
 
+def as_tuple(mesh_axes: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A PartitionSpec entry (None, one mesh axis or several) as a tuple of mesh axes."""
+    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+
+
+def dividing_axes(size: int, mesh_axes: str | Sequence[str] | None, sizes: dict[str, int]) -> tuple[str, ...]:
+    """The mesh axes (in order) that still divide `size` once the earlier ones have split it: an uneven split is not
+    allowed, and an axis of size 1 splits nothing."""
+    kept, ways = [], 1
+    for axis in as_tuple(mesh_axes):
+        if sizes[axis] > 1 and size % (ways * sizes[axis]) == 0:
+            kept.append(axis)
+            ways *= sizes[axis]
+    return tuple(kept)
+
+
 def _divisible(spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
-    """`spec` with every dimension its mesh axes do not divide left unsharded (e.g. the 3 output channels of the
-    VAE's last conv on 4 fsdp devices): such a parameter is small, and an uneven split is not allowed."""
-    dims = []
-    for size, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-        names = () if axes is None else (axes,) if isinstance(axes, str) else tuple(axes)
-        dims.append(axes if size % int(np.prod([mesh.shape[a] for a in names], dtype=int)) == 0 else None)
-    return PartitionSpec(*dims)
+    """`spec` keeping, for each dimension, only the mesh axes that divide it (e.g. the 3 output channels of the
+    VAE's last conv stay unsharded on 4 fsdp devices): such a parameter is small."""
+    entries = tuple(spec) + (None,) * (len(shape) - len(spec))
+    return PartitionSpec(*(dividing_axes(size, axes, dict(mesh.shape)) or None for size, axes in zip(shape, entries)))
 
 
 def shardings(boxed_tree: Any, mesh: Mesh, rules: Rules) -> Any:

@@ -34,6 +34,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as sa
 from jax.sharding import PartitionSpec
 
 from a1_jax.parallel import axes
+from a1_jax.parallel.mesh import as_tuple, dividing_axes
 
 # Largest query and key block: maxtext's default for long sequences (the 5B geometry's 18279 tokens: 36 x 512).
 BLOCK = 512
@@ -70,20 +71,6 @@ def _blocks(length: int, block: int) -> tuple[int, int]:
     count = -(-length // block)
     size = _round_up(-(-length // count), _LANES)
     return size, count * size
-
-
-def _as_tuple(mesh_axes: str | tuple[str, ...] | None) -> tuple[str, ...]:
-    return (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-
-
-def _dividing_axes(size: int, mesh_axes: str | tuple[str, ...] | None, sizes: dict[str, int]) -> tuple[str, ...]:
-    """The mesh axes (in order) that still divide `size` once the earlier ones have split it."""
-    kept, ways = [], 1
-    for axis in _as_tuple(mesh_axes):
-        if sizes[axis] > 1 and size % (ways * sizes[axis]) == 0:
-            kept.append(axis)
-            ways *= sizes[axis]
-    return tuple(kept)
 
 
 def _local_kernel(q: jax.Array, k: jax.Array, v: jax.Array, *, keys: int, q_block: int, kv_block: int,
@@ -129,8 +116,8 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, scale: float, 
         sizes = dict(mesh.shape)
         on_batch, on_length, on_heads = nn.logical_to_mesh_axes((axes.BATCH, axes.LENGTH, axes.HEADS),
                                                                 nn.get_logical_axis_rules())
-        batch_axes, head_axes = _dividing_axes(batch, on_batch, sizes), _dividing_axes(heads, on_heads, sizes)
-        length_axes = tuple(a for a in _as_tuple(on_length) if sizes[a] > 1)  # padding makes these divide
+        batch_axes, head_axes = dividing_axes(batch, on_batch, sizes), dividing_axes(heads, on_heads, sizes)
+        length_axes = tuple(a for a in as_tuple(on_length) if sizes[a] > 1)  # padding makes these divide
     q_shards = math.prod(mesh.shape[a] for a in length_axes)
 
     q_block, q_shard_padded = _blocks(-(-q_len // q_shards), block)
