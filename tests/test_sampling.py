@@ -3,13 +3,10 @@ long-video windows with latent blending), checkpoints (convert, sharded restore,
 window plan and stitching, and `a1-jax animate` on the tiny configuration with the real sample assets."""
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
 import sys
 
-import jax
 import numpy as np
 import pytest
 
@@ -20,7 +17,6 @@ from a1_jax.motion.reference import crop_and_resize
 from a1_jax.parity import errors
 from a1_jax.parity import pipeline as reference
 from a1_jax.sampling import Animator
-from a1_jax.sampling.denoise import Overlap
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
 

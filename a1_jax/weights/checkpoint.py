@@ -34,7 +34,7 @@ import numpy as np
 from flax.core import meta
 
 from a1_jax import parallel
-from a1_jax.config import DiTConfig, SiglipConfig, VAEConfig, read_json, require
+from a1_jax.config import DiTConfig, SiglipConfig, VAEConfig, require
 from a1_jax.diffusion import SchedulerConfig
 from a1_jax.errors import UserError
 from a1_jax.models import dit, siglip, vae
