@@ -13,8 +13,9 @@ setup(
     version="0.1.0",
     description="SkyReels-A1 portrait animation in JAX/Flax: inference with PyTorch parity, and training",
     packages=find_packages(include=["a1_jax", "a1_jax.*"]),
-    # MediaPipe's face landmarker (Apache-2.0, 3.7 MB): a fresh install animates with no download.
-    package_data={"a1_jax": ["assets/face_landmarker.task"]},
+    # MediaPipe's face landmarker (Apache-2.0, 3.7 MB): a fresh install animates with no download. The face rig
+    # (blendshapes -> landmark offsets, ~0.3 MB) is ours, fitted by tools/fit_face_rig.py.
+    package_data={"a1_jax": ["assets/face_landmarker.task", "assets/face_rig.npz"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",  # no upper bound: GPU machines bring newer jax
