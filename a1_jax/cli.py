@@ -96,6 +96,16 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch", type=int, default=None, help="batch size (default: the component's own)")
 
 
+def _add_motion_source_args(parser: argparse.ArgumentParser) -> None:
+    """The motion sources (exactly one per run; checked by `motion.sources.load_source`, one line and exit 2)."""
+    parser.add_argument("--driving", help="driving video (any fps; sampled at 12 fps)")
+    parser.add_argument("--audio", help="speech to lip-sync: any audio ffmpeg reads (wav, mp3, m4a, a video's sound)")
+    parser.add_argument("--transcript", help="with --audio: the words spoken, aligned to the recording instead of "
+                                             "free phone recognition")
+    parser.add_argument("--text", help="text to speak (offline eSpeak NG voice, the `tts` extra) and lip-sync")
+    parser.add_argument("--blendshapes", help="blendshape curves: our track .json or an ARKit / Live Link Face .csv")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="a1-jax", description="SkyReels-A1 in JAX: portrait animation tools.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -111,10 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
     bench.set_defaults(run=_component_call("bench"))
 
-    landmarks = commands.add_parser("landmarks", help="driving video -> control video for the pose guider")
+    landmarks = commands.add_parser("landmarks", help="motion source -> control video for the pose guider")
     landmarks.add_argument("--ref", required=True, help="reference portrait image")
-    landmarks.add_argument("--driving", required=True, help="driving video")
+    _add_motion_source_args(landmarks)
     landmarks.add_argument("--out", required=True, help="control video to write (.mp4)")
+    landmarks.add_argument("--track", help="also write the motion track used, 12 fps (.json; for a video: what "
+                                           "MediaPipe measured)")
+    landmarks.add_argument("--seed", type=int, default=0, help="seed of the blinks and head motion of speech and text")
     landmarks.add_argument("--frames-dir", help="also write every control frame as a lossless PNG here")
     landmarks.add_argument("--preview", help="also write a side-by-side preview (reference | driving | control)")
     landmarks.add_argument("--landmarker", help=LANDMARKER_HELP)
@@ -171,18 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
                                "reference's arc_score.py; 0 = every frame)")
     evaluate.set_defaults(run=_evaluate)
 
-    animate = commands.add_parser("animate", help="portrait + driving video -> the portrait performing the driver's "
-                                                  "motion (12-fps mp4)")
+    animate = commands.add_parser("animate", help="portrait + driving video, speech, text or blendshape curves -> "
+                                                  "the portrait performing that motion (12-fps mp4 with sound)")
     animate.add_argument("--ref", required=True, help="reference portrait image")
-    animate.add_argument("--driving", required=True, help="driving video (any fps; sampled at 12 fps)")
+    _add_motion_source_args(animate)
     animate.add_argument("--out", required=True, help="animated video to write (.mp4, 12 fps)")
+    animate.add_argument("--no-audio", action="store_true",
+                         help="leave the sound out (default: the driving video's, the speech or the spoken text)")
     model = animate.add_mutually_exclusive_group()
     model.add_argument("--checkpoint", help="a SkyReels-A1 release folder or an `a1-jax convert` checkpoint")
     model.add_argument("--config", default="tiny",
                        help="without --checkpoint: seeded random weights for these configs (default: tiny)")
     animate.add_argument("--steps", type=int, default=10, help="denoising steps (default 10, as the reference)")
     animate.add_argument("--guidance", type=float, default=3.0, help="classifier-free guidance on the face (3.0)")
-    animate.add_argument("--seed", type=int, default=0, help="seed of the noise")
+    animate.add_argument("--seed", type=int, default=0,
+                         help="seed of the noise, and of the blinks and head motion of speech and text")
     animate.add_argument("--max-frames", type=int, help="use at most this many 12-fps driving frames")
     animate.add_argument("--single-clip", action="store_true",
                          help="the reference's single-clip script: 49 control frames [ref, f0, f0, f1, ...], "
@@ -206,11 +222,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _enable_compilation_cache() -> None:
     """Keeps compiled XLA programs on disk (`~/.cache/a1_jax/jax`, or `$JAX_COMPILATION_CACHE_DIR`), so a second run
-    of the same command and geometry starts in seconds instead of recompiling every network."""
-    import jax
-
-    if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        jax.config.update("jax_compilation_cache_dir", os.path.expanduser(os.path.join("~", ".cache", "a1_jax", "jax")))
+    of the same command and geometry starts in seconds instead of recompiling every network. Through the
+    environment where JAX is not imported yet: commands that never use it (`landmarks`) do not pay its import."""
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    folder = os.path.expanduser(os.path.join("~", ".cache", "a1_jax", "jax"))
+    if "jax" in sys.modules:
+        sys.modules["jax"].config.update("jax_compilation_cache_dir", folder)
+    else:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,3 +112,47 @@ def measure(video: str, *, mirror: bool = False, landmarker_path: str | None = N
                 canonical.append(retarget.decompose(face.points, face.transform)[1])
                 scores.append(face.blendshapes[1:])
     return np.array(canonical, np.float32).reshape(-1, POINTS, 3), np.array(scores, np.float32).reshape(-1, len(NAMES))
+
+
+_EYES = ((retarget.RIGHT_EYE_CONTOUR, retarget.RIGHT_PUPIL, (33, 133)),
+         (retarget.LEFT_EYE_CONTOUR, retarget.LEFT_PUPIL, (362, 263)))  # contour, pupil, corners
+
+
+def gaze_of(canonical: np.ndarray) -> np.ndarray:
+    """`[..., 478, 3]` canonical landmarks -> `[..., 2, 2]` gaze: each pupil's offset from its eye contour's centre
+    in units of the eye's width (corner to corner), x right and y down in the head's frame."""
+    out = []
+    for contour, pupil, (a, b) in _EYES:
+        width = np.linalg.norm(canonical[..., a, :2] - canonical[..., b, :2], axis=-1)[..., None]
+        out.append((canonical[..., pupil, :2] - canonical[..., contour, :2].mean(axis=-2)) / width)
+    return np.stack(out, axis=-2)
+
+
+def place_gaze(canonical: np.ndarray, gaze: np.ndarray) -> np.ndarray:
+    """Inverse of `gaze_of`: canonical landmarks with each pupil (and its iris ring) moved to `gaze` `[..., 2, 2]`."""
+    canonical = np.array(canonical, np.float64)
+    for eye, ((contour, pupil, (a, b)), iris) in enumerate(zip(_EYES, (np.arange(468, 473), np.arange(473, 478)))):
+        width = np.linalg.norm(canonical[..., a, :2] - canonical[..., b, :2], axis=-1)[..., None]
+        target = canonical[..., contour, :2].mean(axis=-2) + gaze[..., eye, :] * width
+        canonical[..., iris, :2] += (target - canonical[..., pupil, :2])[..., None, :]
+    return canonical
+
+
+def track_landmarks(track, reference_points: np.ndarray, reference_transform: np.ndarray,
+                    reference_blendshapes: np.ndarray, face_rig: FaceRig | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """A driver built by the rig on the reference's own face: per track frame, pixel landmarks `[T, 478, 3]` and the
+    facial transformation matrix `[T, 4, 4]` of the track's head rotation, as a driving video would give them.
+
+    Expression: `Q_ref + B · (b − b_ref)` (`reference_blendshapes`: the portrait's own 51 scores); pose: the
+    reference's centre and scale with the track's rotation (the retargeting takes it relative to frame 0)."""
+    face_rig = face_rig or load()
+    pose, canonical = retarget.decompose(reference_points, reference_transform)
+    expression = canonical + face_rig.offsets(track.blendshapes - np.asarray(reference_blendshapes)[None])
+    if track.gaze is not None:
+        expression = place_gaze(expression, track.gaze)
+    rotations = retarget.rotation_from_yaw_pitch_roll_deg(track.rotation)
+    points = np.stack([retarget.compose(dataclasses.replace(pose, rotation=rotation), frame)
+                       for rotation, frame in zip(rotations, expression)])
+    transforms = np.tile(np.eye(4), (len(track), 1, 1))
+    transforms[:, :3, :3] = retarget.CAMERA_TO_IMAGE @ rotations @ retarget.CAMERA_TO_IMAGE
+    return points.astype(np.float32), transforms.astype(np.float32)

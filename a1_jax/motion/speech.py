@@ -14,7 +14,7 @@
 4. Vocal effort: a louder syllable opens the jaw more, so the jaw and lip opening are scaled by the speech energy
    (voiced band 80–1000 Hz, relative to the recording's loud speech, 30 dB range); where there is no speech the
    mouth closes.
-   Before an utterance the speaker breathes in through an open mouth (the last 0.3 s of a pause).
+   Before an utterance the speaker breathes in through an open mouth (the last 0.3 s of a pause long enough).
 5. Life, seeded: blinks every 2–6 s (~170 ms), slow head drift whose amplitude grows while speaking, nods and brow
    raises on loud syllables (head and brow motion follow prosodic prominence).
 
@@ -112,7 +112,7 @@ def _target(label: str) -> np.ndarray:
 
 def _labels(phones: Sequence[Phone], loud: np.ndarray) -> list[Phone]:
     """Phones with plain ARPAbet labels; a "phone" without speech energy (the decoder's guess in noise) is silence,
-    and the last `BREATH` seconds of a silence before speech are the inhalation."""
+    and the last `BREATH` seconds of a silence before speech are an inhalation."""
     labelled = []
     for phone in phones:
         label = "SIL" if phone.label in _SILENCES else phone.label.rstrip("012")
@@ -125,7 +125,10 @@ def _labels(phones: Sequence[Phone], loud: np.ndarray) -> list[Phone]:
     out: list[Phone] = []
     for i, phone in enumerate(labelled):
         speech_follows = any(p.label != "SIL" for p in labelled[i + 1:i + 2])
-        if phone.label == "SIL" and speech_follows and phone.end - phone.start > 0:
+        first = all(p.label == "SIL" for p in labelled[:i])
+        # An inhalation takes ~`BREATH` s: a shorter pause holds none, except before the first words, where the
+        # breath began before the recording did.
+        if phone.label == "SIL" and speech_follows and (first or phone.end - phone.start >= BREATH):
             split = max(phone.start, phone.end - BREATH)
             if split > phone.start:
                 out.append(Phone("SIL", phone.start, split))
@@ -338,4 +341,4 @@ def track_from_speech(samples: np.ndarray, *, transcript: str | None = None, see
         phones = decode_phones(samples)
     track = track_from_phones(phones, samples, seed=seed)
     spoken = [p for p in phones if p.label not in _SILENCES]
-    return track, {"phones": len(spoken), "silent": silent, "unknown_words": unknown}
+    return track, {"phones": len(spoken), "silent": bool(silent), "unknown_words": unknown}

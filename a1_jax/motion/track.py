@@ -66,6 +66,11 @@ class MotionTrack:
     def duration(self) -> float:
         return len(self) / self.fps
 
+    def first(self, count: int) -> "MotionTrack":
+        """The first `count` frames."""
+        return MotionTrack(self.blendshapes[:count], self.rotation[:count],
+                           None if self.gaze is None else self.gaze[:count], self.fps)
+
     def curve(self, name: str) -> np.ndarray:
         return self.blendshapes[:, INDEX[name]]
 
@@ -102,13 +107,26 @@ def still(frames: int, fps: float = TARGET_FPS) -> MotionTrack:
     return MotionTrack(np.zeros((frames, len(NAMES)), np.float32), np.zeros((frames, 3), np.float32), None, fps)
 
 
-def write_track(path: str, track: MotionTrack) -> None:
-    """Our JSON track format (any fps is written as 12 fps)."""
+def check_output_file(path: str, extension: str) -> None:
+    """An output file we will write later: its folder must exist and be writable, and it must not be a folder."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise UserError(f"output folder does not exist: {directory}")
-    with open(path, "w") as f:
+    if os.path.isdir(path):
+        raise UserError(f"output {path} is a folder")
+    if not path.lower().endswith(extension):
+        raise UserError(f"output {path} must end in {extension}")
+    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise UserError(f"cannot write {path}: permission denied")
+
+
+def write_track(path: str, track: MotionTrack) -> None:
+    """Our JSON track format (any fps is written as 12 fps), written whole or not at all."""
+    check_output_file(path, ".json")
+    partial = os.path.join(os.path.dirname(os.path.abspath(path)), f".{os.path.basename(path)}.partial")
+    with open(partial, "w") as f:
         json.dump(track.resampled(TARGET_FPS).to_json(), f)
+    os.replace(partial, path)
 
 
 def check_track_path(path: str) -> None:
@@ -132,8 +150,8 @@ def read_track(path: str) -> MotionTrack:
         raise UserError(f"blendshape file {path} lasts {track.duration:.0f} s; at most {MAX_TRACK_SECONDS:.0f} s")
     if not (np.isfinite(track.blendshapes).all() and np.isfinite(track.rotation).all()):
         raise UserError(f"blendshape file {path} holds values that are not finite numbers")
-    return dataclasses.replace(track.resampled(TARGET_FPS),
-                               blendshapes=np.clip(track.resampled(TARGET_FPS).blendshapes, 0.0, 1.0))
+    track = track.resampled(TARGET_FPS)
+    return dataclasses.replace(track, blendshapes=np.clip(track.blendshapes, 0.0, 1.0))
 
 
 def _number(value, where: str) -> float:

@@ -1,4 +1,5 @@
-"""`a1-jax animate`: a portrait and a driving video in, an animated 12-fps mp4 (and optional preview) out."""
+"""`a1-jax animate`: a portrait and a motion source in (driving video, speech, text or blendshape curves), an animated
+12-fps mp4 with the source's sound (and an optional preview) out."""
 
 from __future__ import annotations
 
@@ -9,8 +10,10 @@ import time
 import numpy as np
 
 from a1_jax.errors import UserError
+from a1_jax.io.audio import frame_segments, mux_audio
 from a1_jax.io.video import TARGET_FPS, VideoWriter, read_frames
 from a1_jax.motion.pipeline import side_by_side
+from a1_jax.motion.sources import load_source
 from a1_jax.sampling.animator import Animator, Report, plan_video
 from a1_jax.weights.checkpoint import ModelConfigs, model_config_folder
 
@@ -28,8 +31,10 @@ def run_animate(args) -> dict:
         writer = stack.enter_context(VideoWriter(args.out, TARGET_FPS))
         preview = stack.enter_context(VideoWriter(args.preview, TARGET_FPS)) if args.preview else None
         # The inputs next: a portrait or driving video without a usable face fails before any weights load.
+        source = load_source(driving=args.driving, audio=args.audio, transcript=args.transcript, text=args.text,
+                             blendshapes=args.blendshapes, seed=args.seed, with_audio=not args.no_audio)
         folder = args.checkpoint or model_config_folder(args.config)
-        plan = plan_video(ModelConfigs.from_folder(folder), args.ref, args.driving, single_clip=args.single_clip,
+        plan = plan_video(ModelConfigs.from_folder(folder), args.ref, source.driving, single_clip=args.single_clip,
                           max_frames=args.max_frames, landmarker=args.landmarker, progress=True)
         if args.checkpoint:
             animator = Animator.from_pretrained(folder, dtype=args.dtype, mesh=args.mesh)
@@ -37,21 +42,28 @@ def run_animate(args) -> dict:
             animator = Animator.from_config(folder, seed=0, dtype=args.dtype, mesh=args.mesh)
             print(RANDOM_WEIGHTS_NOTICE, file=sys.stderr, flush=True)
         report = Report()
-        pairs = animator.frames(args.ref, args.driving, steps=args.steps, guidance=args.guidance, seed=args.seed,
+        pairs = animator.frames(args.ref, source.driving, steps=args.steps, guidance=args.guidance, seed=args.seed,
                                 report=report, progress=True, plan=plan)
         driving = None
         for frame, control in pairs:
             if preview is not None:
-                if driving is None:  # output frame j shows 12-fps driving frame j (the last one where a clip pads)
-                    used = report.motion.source_indices
-                    order = np.minimum(np.arange(report.expected_frames), len(used) - 1)
-                    driving = read_frames(report.motion.driving_path, used[order])
-                preview.write(side_by_side(report.reference.canvas, next(driving), control, frame))
+                if report.motion.driving_path is None:  # a motion track: no driving frames to show
+                    preview.write(np.concatenate([report.reference.canvas, control, frame], axis=1))
+                else:
+                    if driving is None:  # output frame j shows 12-fps driving frame j (the last one where a clip pads)
+                        used = report.motion.source_indices
+                        order = np.minimum(np.arange(report.expected_frames), len(used) - 1)
+                        driving = read_frames(report.motion.driving_path, used[order])
+                    preview.write(side_by_side(report.reference.canvas, next(driving), control, frame))
             writer.write(frame)
+    audio_seconds = None
+    if source.audio is not None and report.frames > 0:  # the sound under the frames actually shown
+        segments = frame_segments(np.rint(report.sample_times[:report.frames] * TARGET_FPS).astype(int))
+        audio_seconds = round(mux_audio(args.out, source.audio, segments), 3)
     return {"out": args.out, "frames": report.frames, "fps": TARGET_FPS, "windows": report.windows,
             "seconds": round(time.perf_counter() - start, 3),
             "stage_seconds": {k: round(v, 3) for k, v in report.stage_seconds.items()},
             "steps": args.steps, "guidance": args.guidance, "seed": args.seed, "dtype": str(animator.dtype),
             "faces_found": report.faces_found, "frames_filled": report.frames_filled,
-            "random_weights": animator.random_weights,
+            "random_weights": animator.random_weights, **source.summary, "audio_seconds": audio_seconds,
             "ok": report.frames == report.expected_frames and report.frames > 0}

@@ -42,7 +42,8 @@ from a1_jax.io.video import read_image
 from a1_jax.models import vae
 from a1_jax.motion import face_align
 from a1_jax.motion.draw import CANVAS_HEIGHT, CANVAS_WIDTH
-from a1_jax.motion.pipeline import MotionPlan, plan_motion, render_control
+from a1_jax.motion.pipeline import MotionPlan, plan_driver, render_control
+from a1_jax.motion.track import MotionTrack
 from a1_jax.motion.reference import crop_and_resize
 from a1_jax.sampling import denoise as loop
 from a1_jax.sampling.windows import WindowPlan, stitch
@@ -83,6 +84,7 @@ class Report:
     frames_filled: int = 0
     reference: Reference | None = None
     motion: MotionPlan | None = None
+    sample_times: np.ndarray | None = None  # per output frame: the source second it shows (where its audio is)
     stage_seconds: dict[str, float] = dataclasses.field(
         default_factory=lambda: {"landmarks": 0.0, "conditions": 0.0, "denoise": 0.0, "decode": 0.0})
 
@@ -214,12 +216,12 @@ class Animator:
 
     # --- whole videos -------------------------------------------------------------------------------------------------
 
-    def frames(self, image: np.ndarray | str, driving: str, *, steps: int = 10, guidance: float = 3.0, seed: int = 0,
+    def frames(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0, seed: int = 0,
                single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
                report: Report | None = None, progress: bool = False,
                plan: "VideoPlan | None" = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """`(output frame, control frame)` pairs, one per 12-fps driving frame (47 with `single_clip`, as the
-        reference's single-clip script), streamed window by window. `report` is filled in as it goes. `plan`: from
+        reference's single-clip script), streamed window by window. `driving`: a video path or a `MotionTrack`. `report` is filled in as it goes. `plan`: from
         `plan_video` (then `image`, `driving`, `single_clip`, `max_frames` and `landmarker` are not used)."""
         report = report if report is not None else Report()
         self.schedule(steps)  # a bad step count fails before any work
@@ -238,6 +240,9 @@ class Animator:
                    WindowPlan(num_driving=num_driving, window=window, overlap=loop.OVERLAP_FRAMES))
         report.windows = len(windows.starts)
         report.expected_frames = window + 1 - SINGLE_CLIP_DROP if single_clip else num_driving
+        # Output frame j shows control frame j + SINGLE_CLIP_DROP of the clip (driving frame order[j + 1]), or j.
+        shown = motion.order[SINGLE_CLIP_DROP - 1:][:report.expected_frames] if single_clip else motion.order
+        report.sample_times = motion.sample_times[shown]
         bars = _Bars(progress, windows=report.windows, steps=steps)
         self._step_listener = bars.step
         try:
@@ -287,7 +292,7 @@ class Animator:
             drop = max(0, min(plan.stride, len(driving)))  # the next window starts `stride` frames later
             driving, base = driving[drop:], base + drop
 
-    def __call__(self, image: np.ndarray | str, driving: str, *, steps: int = 10, guidance: float = 3.0,
+    def __call__(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0,
                  seed: int = 0, single_clip: bool = False, max_frames: int | None = None,
                  landmarker: str | None = None) -> np.ndarray:
         """The animated frames, uint8 `[N, H, W, 3]` at 12 fps (one per 12-fps driving frame; 47 with `single_clip`)."""
@@ -306,16 +311,18 @@ class VideoPlan:
     seconds: float
 
 
-def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, driving: str, *, single_clip: bool = False,
-               max_frames: int | None = None, landmarker: str | None = None, progress: bool = False) -> VideoPlan:
-    """The canvas, the aligned face and the motion plan of a video (it needs the configs only, so a bad portrait
-    or driving video fails before any weights are loaded)."""
+def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, driving: str | MotionTrack, *,
+               single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
+               progress: bool = False) -> VideoPlan:
+    """The canvas, the aligned face and the motion plan of a video or a motion track (it needs the configs only,
+    so a bad portrait or driving video fails before any weights are loaded)."""
     start = time.perf_counter()
     if configs.canvas != (CANVAS_HEIGHT, CANVAS_WIDTH):
         raise UserError(f"this checkpoint's transformer expects {configs.canvas[0]}x{configs.canvas[1]} frames; the "
                         f"motion branch draws {CANVAS_HEIGHT}x{CANVAS_WIDTH} control frames")
     name, pixels = _image(image)
-    motion = plan_motion(pixels, os.fspath(driving), landmarker_path=landmarker,
+    driving = driving if isinstance(driving, MotionTrack) else os.fspath(driving)
+    motion = plan_driver(pixels, driving, landmarker_path=landmarker,
                          max_frames=configs.clip_frames if single_clip else None, progress=progress,
                          reference_name=name, max_driving_frames=max_frames)
     return VideoPlan(reference=_aligned(motion.reference.canvas, name, landmarker), motion=motion,
