@@ -1,8 +1,9 @@
 """The motion track: what every motion source produces, per 12-fps frame (speech, text, curve files, a video).
 
 A frame holds MediaPipe's 51 ARKit-named blendshape scores in [0, 1], the head rotation (yaw, pitch, roll in
-degrees: yaw turns the face towards the image's right, pitch tilts the chin down, roll tilts it clockwise on screen)
-and, optionally, the gaze: each pupil's offset from its eye's centre in units of the eye's width, x right and y
+degrees, `R = R_y(yaw)·R_x(pitch)·R_z(roll)` in image axes as `a1-jax evaluate` reports them: positive yaw turns the
+face towards the image's left, positive pitch lowers the chin, positive roll tilts it clockwise on screen) and,
+optionally, the gaze: each pupil's offset from its eye's centre in units of the eye's width, x right and y
 down in the head's frame (right eye first, as MediaPipe's landmarks 468 then 473).
 
 Files:
