@@ -12,6 +12,7 @@ import pytest
 
 from a1_jax.cli import main
 from a1_jax.errors import UserError
+from a1_jax.io.audio import mux_audio, read_audio, stream_durations
 from a1_jax.io.video import probe_video, read_frames, read_image, resample_indices, write_video
 from a1_jax.motion.reference import crop_and_resize
 from a1_jax.parity import errors
@@ -209,6 +210,9 @@ def test_animate_single_clip_on_the_tiny_configuration(tmp_path, shared, capsys)
     assert preview.num_frames == 47 and preview.height == 480 and preview.width == 720 * 3 + 480
     frames = np.stack(list(read_frames(str(tmp_path / "out.mp4"), range(47))))
     assert frames.std() > 5  # a real, varied picture, not a constant frame
+    # the driving video's own sound under the frames shown: f0 … f46 (drive_4 has 38; the padding replays f37's)
+    assert stream_durations(str(tmp_path / "out.mp4"))["audio"] == pytest.approx(47 / 12, abs=0.03)
+    assert summary["audio_seconds"] == pytest.approx(47 / 12, abs=1e-3)
 
 
 def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shared, capsys):
@@ -218,14 +222,17 @@ def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shar
     frames = list(read_frames(source, range(info.num_frames)))
     looped = str(tmp_path / "looped.mp4")
     write_video(looped, frames + frames[::-1] + frames, fps=info.fps)
+    mux_audio(looped, read_audio(source, rate=48000, mono=False), [(0.0, 3 * info.num_frames / info.fps)])
     available = len(resample_indices(probe_video(looped).num_frames, probe_video(looped).fps))
     expected = 100  # --max-frames caps the ~117 driving frames; windows at 0, 40 and 80 (the last padded by 28)
-    code, captured = _animate(tmp_path, shared, "--driving", looped, "--max-frames", str(expected), capsys=capsys)
+    code, captured = _animate(tmp_path, shared, "--driving", looped, "--max-frames", str(expected), "--no-audio",
+                              capsys=capsys)
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert available > expected and summary["windows"] == 3 and summary["frames"] == expected and summary["ok"]
     out = probe_video(str(tmp_path / "out.mp4"))
     assert (out.num_frames, out.height, out.width, out.fps) == (expected, 480, 720, 12)
+    assert summary["audio_seconds"] is None and "audio" not in stream_durations(str(tmp_path / "out.mp4"))
 
 
 @pytest.mark.parametrize("case, words", [
