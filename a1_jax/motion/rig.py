@@ -73,8 +73,8 @@ def residual(rig: FaceRig, canonical: np.ndarray, blendshapes: np.ndarray, group
         q, b = np.asarray(canonical[rows], np.float64), np.asarray(blendshapes[rows], np.float64)
         q0, b0 = anchors[group] if anchors else (q.mean(axis=0), b.mean(axis=0))
         predicted = q0 + rig.offsets(b - b0)
-        eyes = np.linalg.norm(q[:, retarget.RIGHT_EYE_CONTOUR, :2].mean(1) - q[:, retarget.LEFT_EYE_CONTOUR, :2].mean(1),
-                              axis=-1)
+        eyes = np.linalg.norm(q[:, retarget.RIGHT_EYE_CONTOUR, :2].mean(1)
+                              - q[:, retarget.LEFT_EYE_CONTOUR, :2].mean(1), axis=-1)
         errors.append(np.linalg.norm((predicted - q)[:, points, :2], axis=-1).mean(-1) / eyes)
         stills.append(np.linalg.norm((q0 - q)[:, points, :2], axis=-1).mean(-1) / eyes)
     errors, stills = np.concatenate(errors), np.concatenate(stills)
@@ -139,7 +139,8 @@ def place_gaze(canonical: np.ndarray, gaze: np.ndarray) -> np.ndarray:
 
 
 def track_landmarks(track, reference_points: np.ndarray, reference_transform: np.ndarray,
-                    reference_blendshapes: np.ndarray, face_rig: FaceRig | None = None) -> tuple[np.ndarray, np.ndarray]:
+                    reference_blendshapes: np.ndarray,
+                    face_rig: FaceRig | None = None) -> tuple[np.ndarray, np.ndarray]:
     """A driver built by the rig on the reference's own face: per track frame, pixel landmarks `[T, 478, 3]` and the
     facial transformation matrix `[T, 4, 4]` of the track's head rotation, as a driving video would give them.
 

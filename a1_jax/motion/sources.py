@@ -8,10 +8,10 @@ driving video's own sound, the speech, or the synthesised voice (None for curve 
 from __future__ import annotations
 
 import dataclasses
-import os
 
 from a1_jax.errors import UserError
 from a1_jax.io.audio import MUX_RATE, Audio, read_audio
+from a1_jax.io.video import probe_video
 from a1_jax.motion import speech
 from a1_jax.motion.track import MotionTrack, read_track
 
@@ -36,8 +36,7 @@ def load_source(*, driving: str | None = None, audio: str | None = None, transcr
     if transcript is not None and audio is None:
         raise UserError("--transcript goes with --audio (the words spoken in that recording)")
     if driving is not None:
-        if not os.path.isfile(driving):
-            raise UserError(f"video not found: {driving}")
+        probe_video(driving)  # a missing or undecodable video is named as a video, before its sound is read
         sound = read_audio(driving, rate=MUX_RATE, mono=False, required=False) if with_audio else None
         return MotionSource(driving, sound, {"source": "video", "audio": sound is not None})
     if blendshapes is not None:

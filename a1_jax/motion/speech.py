@@ -3,18 +3,18 @@
 1. Phones (CMU ARPAbet) with their times: pocketsphinx's all-phone decoder (free decoding, its en-us acoustic model
    and phone language model, offline), or forced alignment to the words of a transcript; or the synthesiser's own
    timings for text (`motion.tts`).
-2. Each phone has an articulatory target (`VISEMES`): the jaw opening follows the vowel height of the IPA chart
-   (close 0 … open 1 → opening 0.1 … 0.55; jawOpen scores the part beyond a mid vowel's), lip rounding and spreading follow the vowel's rounding, consonants their
-   place of articulation (bilabials close and press the lips, labiodentals roll the lower lip, postalveolars and /w/
-   round them, ...).
+2. Each phone has an articulatory target: the mouth's opening follows the vowel height of the IPA chart (close 0 …
+   open 1 → opening 0.1 … 0.55; jawOpen scores the part beyond a mid vowel's), lip rounding and spreading follow
+   the vowel's rounding, consonants their place of articulation (bilabials close and press the lips, labiodentals
+   roll the lower lip, postalveolars and /w/ round them, ...).
 3. Coarticulation (Cohen & Massaro's dominance model): at time t the mouth is the dominance-weighted mean of every
    phone's target, a phone's dominance being its strength (a bilabial closure must happen; /t/, /k/, /h/ leave the
    lips and jaw to their neighbours) decaying with the distance to its segment, faster after it (carry-over, 40 ms)
    than before it (anticipation, 70 ms: the lips move before the sound).
-4. Vocal effort: a louder syllable opens the jaw more, so the jaw and lip opening are scaled by the speech energy
-   (voiced band 80–1000 Hz, relative to the recording's loud speech, 30 dB range); where there is no speech the
-   mouth closes.
-   Before an utterance the speaker breathes in through an open mouth (the last 0.3 s of a pause long enough).
+4. Vocal effort: a louder syllable opens the jaw more, so each spoken segment's opening is scaled by its peak
+   speech energy (voiced band 80–1000 Hz, relative to the recording's loud speech, 30 dB range); silence closes the
+   mouth, except that before an utterance the speaker breathes in through an open mouth (the last 0.3 s of a pause
+   at least that long, or of the silence before the first words).
 5. Life, seeded: blinks every 2–6 s (~170 ms), slow head drift whose amplitude grows while speaking, nods and brow
    raises on loud syllables (head and brow motion follow prosodic prominence).
 

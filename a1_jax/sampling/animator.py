@@ -216,12 +216,13 @@ class Animator:
 
     # --- whole videos -------------------------------------------------------------------------------------------------
 
-    def frames(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0, seed: int = 0,
-               single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
+    def frames(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0,
+               seed: int = 0, single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
                report: Report | None = None, progress: bool = False,
                plan: "VideoPlan | None" = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """`(output frame, control frame)` pairs, one per 12-fps driving frame (47 with `single_clip`, as the
-        reference's single-clip script), streamed window by window. `driving`: a video path or a `MotionTrack`. `report` is filled in as it goes. `plan`: from
+        reference's single-clip script), streamed window by window; `driving`: a video path or a `MotionTrack`.
+        `report` is filled in as it goes. `plan`: from
         `plan_video` (then `image`, `driving`, `single_clip`, `max_frames` and `landmarker` are not used)."""
         report = report if report is not None else Report()
         self.schedule(steps)  # a bad step count fails before any work
