@@ -42,6 +42,7 @@ SPEECH_LOUDNESS = 0.1  # a decoded phone that never gets this loud is the decode
 BREATH = 0.3  # seconds: the inhalation before an utterance
 JAW_DEAD_ZONE = 0.2  # opening (jaw target units) below which MediaPipe's jawOpen stays near 0
 MAX_TRANSCRIPT_WORDS = 2000
+_BLOCK = 1000  # rows of 100 Hz curves computed at once
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,10 +167,15 @@ def mouth_curves(phones: Sequence[Phone], loudness: np.ndarray) -> np.ndarray:
     ends = np.concatenate([[starts[1] if len(starts) > 2 else 0.0], ends, [1e9]])
     targets = np.concatenate([_target("SIL")[None], targets, _target("SIL")[None]])
     dominance = np.concatenate([[_DOMINANCE["SIL"]], dominance, [_DOMINANCE["SIL"]]])
-    before = np.maximum(starts[:, None] - times[None], 0.0) / ANTICIPATION
-    after = np.maximum(times[None] - ends[:, None], 0.0) / CARRY_OVER
-    weights = dominance[:, None] * np.exp(-(before + after))  # [S, N]
-    curves = (weights.T @ targets) / np.maximum(weights.sum(axis=0), 1e-12)[:, None]
+    curves = np.zeros((len(times), len(MOUTH)))
+    reach = 30 * max(ANTICIPATION, CARRY_OVER)  # beyond this a segment's weight is below e^-30: left out
+    for first in range(0, len(times), _BLOCK):  # blocks of time: memory stays flat for hours of speech
+        block = times[first:first + _BLOCK]
+        near = (starts - reach < block[-1]) & (ends + reach > block[0])
+        before = np.maximum(starts[near, None] - block[None], 0.0) / ANTICIPATION
+        after = np.maximum(block[None] - ends[near, None], 0.0) / CARRY_OVER
+        weights = dominance[near, None] * np.exp(-(before + after))  # [S near, block]
+        curves[first:first + _BLOCK] = (weights.T @ targets[near]) / np.maximum(weights.sum(axis=0), 1e-12)[:, None]
     # The jaw channel so far is the mouth's opening. MediaPipe's jawOpen, which the rig was fitted to, scores only
     # openings beyond about a mid vowel's (below, the lips part while it stays near 0: BUILD_NOTES, issue 16);
     # smaller openings are the lips' (mouthLowerDown / mouthUpperUp).
@@ -184,26 +190,29 @@ def loudness(samples: np.ndarray, rate: int = SPEECH_RATE) -> np.ndarray:
     below `MIN_SPEECH_DB` overall (a silent recording stays silent)."""
     hop, window = int(rate * HOP), int(rate * 0.03)
     count = max(1, int(np.ceil(len(samples) / hop)))
-    padded = np.concatenate([np.zeros(window // 2), samples, np.zeros(window + hop * count)]).astype(np.float32)
-    frames = np.lib.stride_tricks.sliding_window_view(padded, window)[::hop][:count] * np.hanning(window)
-    spectrum = np.abs(np.fft.rfft(frames, axis=1)) ** 2
-    frequencies = np.fft.rfftfreq(window, 1 / rate)
-    band = (frequencies >= 80) & (frequencies <= 1000)
+    padded = np.concatenate([np.zeros(window // 2), samples, np.zeros(window)]).astype(np.float32)
+    frames = np.lib.stride_tricks.sliding_window_view(padded, window)[::hop][:count]  # a view: no copy
+    band = (np.fft.rfftfreq(window, 1 / rate) >= 80) & (np.fft.rfftfreq(window, 1 / rate) <= 1000)
+    taper = np.hanning(window).astype(np.float32)
+    power = np.concatenate([(np.abs(np.fft.rfft(frames[i:i + _BLOCK] * taper, axis=1)[:, band]) ** 2).sum(axis=1)
+                            for i in range(0, count, _BLOCK)])
     # Power of a full-scale sine of the band = 1 (0 dBFS), so the floor below is in dBFS.
-    power = spectrum[:, band].sum(axis=1) / (np.hanning(window).sum() ** 2 / 2)
-    db = 10 * np.log10(power + 1e-12)
+    db = 10 * np.log10(power / (taper.sum() ** 2 / 2) + 1e-12)
     loud = max(float(np.percentile(db, 95)), MIN_SPEECH_DB)
     return np.clip((db - (loud - LOUDNESS_RANGE_DB)) / LOUDNESS_RANGE_DB, 0.0, 1.0)
 
 
 def _frames(curves: np.ndarray, count: int) -> np.ndarray:
-    """100 Hz rows -> `count` 12-fps frames, each the mean over `[k/12 − 1/24, k/12 + 1/24)`."""
+    """100 Hz rows -> `count` 12-fps frames, each the mean of the rows within `k/12 ± 1/24` (the nearest row where
+    none is: past the end of the recording)."""
     times = (np.arange(len(curves)) + 0.5) * HOP
-    out = np.zeros((count,) + curves.shape[1:])
-    for k in range(count):
-        rows = np.abs(times - k / TARGET_FPS) <= 0.5 / TARGET_FPS
-        out[k] = curves[rows].mean(axis=0) if rows.any() else curves[min(len(curves) - 1, int(k / TARGET_FPS / HOP))]
-    return out
+    centres = np.arange(count) / TARGET_FPS
+    low = np.searchsorted(times, centres - 0.5 / TARGET_FPS, side="left")
+    high = np.searchsorted(times, centres + 0.5 / TARGET_FPS, side="right")
+    sums = np.concatenate([np.zeros((1,) + curves.shape[1:]), np.cumsum(curves, axis=0)])
+    nearest = curves[np.clip(np.round(centres / HOP - 0.5).astype(int), 0, len(curves) - 1)]
+    rows = (high - low).reshape((-1,) + (1,) * (curves.ndim - 1))
+    return np.where(rows > 0, (sums[high] - sums[low]) / np.maximum(rows, 1), nearest)
 
 
 def _smooth(values: np.ndarray, seconds: float) -> np.ndarray:
