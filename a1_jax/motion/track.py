@@ -37,7 +37,7 @@ INDEX = {name: i for i, name in enumerate(NAMES)}
 # ARKit names MediaPipe does not estimate, and curve-file columns that are not blendshapes: read, then dropped.
 IGNORED_CSV_COLUMNS = frozenset(name.lower() for name in (
     "TongueOut", "BlendShapeCount", "LeftEyeYaw", "LeftEyePitch", "LeftEyeRoll", "RightEyeYaw", "RightEyePitch",
-    "RightEyeRoll", "HeadX", "HeadY", "HeadZ", "frame"))
+    "RightEyeRoll"))
 _HEAD_COLUMNS = {"headyaw": 0, "headpitch": 1, "headroll": 2}
 MAX_TRACK_SECONDS = 3600.0  # a curve file longer than an hour is almost surely a unit mistake
 
@@ -149,7 +149,8 @@ def read_track(path: str) -> MotionTrack:
         raise UserError(f"blendshape file {path} has no frames")
     if track.duration > MAX_TRACK_SECONDS:
         raise UserError(f"blendshape file {path} lasts {track.duration:.0f} s; at most {MAX_TRACK_SECONDS:.0f} s")
-    if not (np.isfinite(track.blendshapes).all() and np.isfinite(track.rotation).all()):
+    if not (np.isfinite(track.blendshapes).all() and np.isfinite(track.rotation).all()
+            and (track.gaze is None or np.isfinite(track.gaze).all())):
         raise UserError(f"blendshape file {path} holds values that are not finite numbers")
     track = track.resampled(TARGET_FPS)
     return dataclasses.replace(track, blendshapes=np.clip(track.blendshapes, 0.0, 1.0))
