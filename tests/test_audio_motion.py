@@ -237,6 +237,7 @@ def test_speech_track_is_seeded_and_a_silent_file_is_an_idle_face(speech_audio):
     again, _ = speech.track_from_speech(samples, seed=3)
     other, _ = speech.track_from_speech(samples, seed=4)
     assert found["phones"] > 20 and not found["silent"] and len(first) == round(len(samples) / 16000 * 12)
+    assert "aligned" not in found  # free decoding: no transcript
     np.testing.assert_array_equal(first.blendshapes, again.blendshapes)
     assert np.any(first.rotation != other.rotation)
     np.testing.assert_array_equal(first.curve("jawOpen"), other.curve("jawOpen"))  # the mouth follows the speech
@@ -252,12 +253,36 @@ def test_speech_track_is_seeded_and_a_silent_file_is_an_idle_face(speech_audio):
 
 def test_transcript_alignment_gives_the_words_phones(speech_audio):
     words = speech.transcript_words("I think that we like that, where you want a...")
-    phones, unknown = speech.align_phones(speech_audio[1].mono, words)
+    phones, unknown, aligned = speech.align_phones(speech_audio[1].mono, words)
     labels = [p.label for p in phones if p.label not in ("SIL",)]
-    assert not unknown and labels[:5] == ["AY", "TH", "IH", "NG", "K"]
+    assert aligned and not unknown and labels[:5] == ["AY", "TH", "IH", "NG", "K"]
     assert all(a.end <= b.start + 1e-9 for a, b in zip(phones, phones[1:]))
-    _, unknown = speech.align_phones(speech_audio[1].mono, ["i", "thinkz", "qwzx"])
-    assert unknown == ["thinkz", "qwzx"]  # not in the dictionary: free decoding instead, and said so
+    assert 0.3 < next(p for p in phones if p.label == "AY").start < 0.45  # "I": the decoder also hears it at 0.38 s
+    _, unknown, aligned = speech.align_phones(speech_audio[1].mono, ["i", "thinkz", "qwzx"])
+    assert unknown == ["thinkz", "qwzx"] and not aligned  # not in the dictionary: free decoding instead, and said so
+
+
+def test_alignment_follows_the_synthesisers_own_timings():
+    """eSpeak's phoneme timings are ground truth for its own voice: aligning its audio to the text must give the
+    same mouth (speech that starts at the first sample, which the aligner alone cannot start in)."""
+    from a1_jax.io.audio import SPEECH_RATE
+    from a1_jax.motion import tts
+
+    text = "Please open the window, it is getting very warm in here and nobody can think."
+    audio, phones = tts.synthesise(text)
+    samples = read_audio_like(audio, SPEECH_RATE)
+    truth = speech.track_from_phones(phones, audio.mono, audio.rate)
+    aligned, summary = speech.track_from_speech(samples, transcript=text)
+    assert summary["aligned"] and summary["unknown_words"] == []
+    n = min(len(truth), len(aligned))
+    for name in ("jawOpen", "mouthPucker", "mouthPressLeft"):
+        assert lip_sync.best_lag_r(aligned.curve(name)[:n], truth.curve(name)[:n])[0] > 0.8, name
+
+
+def read_audio_like(audio, rate):
+    """`audio` resampled to `rate` (linear interpolation), mono."""
+    times = np.arange(int(audio.duration * rate)) / rate
+    return np.interp(times, np.arange(len(audio.mono)) / audio.rate, audio.mono).astype(np.float32)
 
 
 def test_text_to_speech_timings_come_from_the_synthesiser():

@@ -43,6 +43,7 @@ BREATH = 0.3  # seconds: the inhalation before an utterance
 JAW_DEAD_ZONE = 0.2  # opening (jaw target units) below which MediaPipe's jawOpen stays near 0
 MAX_TRANSCRIPT_WORDS = 2000
 _BLOCK = 1000  # rows of 100 Hz curves computed at once
+ALIGN_PADDING = 0.25  # seconds of silence added around a recording before forced alignment
 
 
 @dataclasses.dataclass(frozen=True)
@@ -312,42 +313,64 @@ def transcript_words(transcript: str) -> list[str]:
     return words
 
 
-def align_phones(samples: np.ndarray, words: Sequence[str]) -> tuple[list[Phone], list[str]]:
-    """Forced alignment of 16 kHz speech to `words`: (phones, words the dictionary does not know). Unknown words
-    or an alignment that fails fall back to free decoding (the phones are then not the transcript's)."""
+def align_phones(samples: np.ndarray, words: Sequence[str]) -> tuple[list[Phone], list[str], bool]:
+    """Forced alignment of 16 kHz speech to `words`: (phones, words the dictionary does not know, aligned).
+
+    Word boundaries first, then phone boundaries inside them; where pocketsphinx's phone pass fails, each word's
+    dictionary phones share its aligned time evenly; unknown words or a failed word pass fall back to free decoding
+    (the phones are then not the transcript's). The audio is padded with silence on both sides: the aligner needs
+    a silence to start and end in, and speech that starts at the first sample (synthesised speech) has none."""
     decoder = _decoder("align")
     unknown = [word for word in words if decoder.lookup_word(word) is None]
     if unknown:
-        return decode_phones(samples), unknown
-    pcm = _pcm16(samples)
+        return decode_phones(samples), unknown, False
+    pad = np.zeros(int(ALIGN_PADDING * SPEECH_RATE), np.float32)
+    pcm = _pcm16(np.concatenate([pad, samples, pad]))
+
+    def decode() -> None:
+        decoder.start_utt()
+        decoder.process_raw(pcm, full_utt=True)
+        decoder.end_utt()
+
     try:
         decoder.set_align_text(" ".join(words))
-        for _ in range(2):  # first pass: word boundaries; second: phone boundaries inside them
-            decoder.start_utt()
-            decoder.process_raw(pcm, full_utt=True)
-            decoder.end_utt()
-            if _ == 0:
-                decoder.set_alignment()
-        alignment = decoder.get_alignment()
+        decode()
+        segments = decoder.seg()
     except RuntimeError:
-        alignment = None
-    if alignment is None:
-        return decode_phones(samples), []
-    phones = [Phone(phone.name, phone.start * HOP, (phone.start + phone.duration) * HOP)
-              for word in alignment for phone in word]
-    return phones, []
+        segments = None
+    if segments is None:  # the words could not be aligned to this audio
+        return decode_phones(samples), [], False
+    spans = [(s.word, s.start_frame, s.end_frame + 1) for s in segments]  # frames of the padded audio
+    try:
+        decoder.set_alignment()
+        decode()
+        spans = [(phone.name, phone.start, phone.start + phone.duration)
+                 for word in decoder.get_alignment() for phone in word]
+    except RuntimeError:  # the phone pass failed: split each aligned word's time among its dictionary phones
+        spans = [(label, start + (end - start) * j / len(labels), start + (end - start) * (j + 1) / len(labels))
+                 for word, start, end in spans if word not in _SILENCES
+                 for labels in [(decoder.lookup_word(word) or "AH").split()] for j, label in enumerate(labels)]
+    duration = len(samples) / SPEECH_RATE
+    phones = [Phone(label, min(max(start * HOP - ALIGN_PADDING, 0.0), duration),
+                    min(max(end * HOP - ALIGN_PADDING, 0.0), duration)) for label, start, end in spans]
+    return [phone for phone in phones if phone.end > phone.start], [], True
 
 
 def track_from_speech(samples: np.ndarray, *, transcript: str | None = None, seed: int = 0) -> tuple[MotionTrack, dict]:
     """A 12-fps track from 16 kHz mono speech (free phone decoding, or aligned to `transcript`); with a summary."""
     silent = loudness(samples).max() == 0.0
+    words = transcript_words(transcript) if transcript is not None else None
     unknown: list[str] = []
+    aligned = False
     if silent:
         phones = []
-    elif transcript is not None:
-        phones, unknown = align_phones(samples, transcript_words(transcript))
+    elif words is not None:
+        phones, unknown, aligned = align_phones(samples, words)
     else:
         phones = decode_phones(samples)
     track = track_from_phones(phones, samples, seed=seed)
     spoken = [p for p in phones if p.label not in _SILENCES]
-    return track, {"phones": len(spoken), "silent": bool(silent), "unknown_words": unknown}
+    summary = {"phones": len(spoken), "silent": bool(silent)}
+    if words is not None:  # whether the transcript's words were aligned, or free decoding stood in
+        summary.update(aligned=aligned, unknown_words=unknown)
+    return track, summary
