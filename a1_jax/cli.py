@@ -71,6 +71,12 @@ def _animate(args: argparse.Namespace) -> dict:
     return run_animate(args)
 
 
+def _interpolate(args: argparse.Namespace) -> dict:
+    from a1_jax.interpolate.retime import run_interpolate
+
+    return run_interpolate(args)
+
+
 def _convert(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -104,6 +110,15 @@ def _add_motion_source_args(parser: argparse.ArgumentParser) -> None:
                                              "free phone recognition")
     parser.add_argument("--text", help="text to speak (offline eSpeak NG voice, the `tts` extra) and lip-sync")
     parser.add_argument("--blendshapes", help="blendshape curves: our track .json or an ARKit / Live Link Face .csv")
+
+
+def _add_interpolator_args(parser: argparse.ArgumentParser) -> None:
+    # A string, checked by the library: a bad value is one line and exit 2 like every other user mistake.
+    parser.add_argument("--interpolator", default="flow",
+                        help="how in-between frames are made: flow (default; optical flow, no weights), blend "
+                             "(cross-fade) or film (FILM, needs --interpolator-weights and torch)")
+    parser.add_argument("--interpolator-weights", metavar="FILE",
+                        help="--interpolator film: the TorchScript file the reference uses (film_net_fp16.pt)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,10 +200,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(run=_evaluate)
 
     animate = commands.add_parser("animate", help="portrait + driving video, speech, text or blendshape curves -> "
-                                                  "the portrait performing that motion (12-fps mp4 with sound)")
+                                                  "the portrait performing that motion (mp4 with sound, 12 fps or "
+                                                  "--fps)")
     animate.add_argument("--ref", required=True, help="reference portrait image")
     _add_motion_source_args(animate)
-    animate.add_argument("--out", required=True, help="animated video to write (.mp4, 12 fps)")
+    animate.add_argument("--out", required=True, help="animated video to write (.mp4)")
     animate.add_argument("--no-audio", action="store_true",
                          help="leave the sound out (default: the driving video's, the speech or the spoken text)")
     model = animate.add_mutually_exclusive_group()
@@ -209,7 +225,22 @@ def build_parser() -> argparse.ArgumentParser:
                          help="mesh preset for parameters and activations (single, fsdp, fsdp_tensor, ... or a path)")
     animate.add_argument("--dtype", choices=("float32", "bfloat16"),
                          help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    animate.add_argument("--fps", default="12",
+                         help="frame rate of --out, any number from 12 (the model's rate, default) to 240: frames "
+                              "in between are interpolated, the duration is kept (--preview stays at 12)")
+    _add_interpolator_args(animate)
+    animate.add_argument("--seam", choices=("interpolate", "crossfade"), default="interpolate",
+                         help="long videos: where two windows rendered the same frames, go from one to the other by "
+                              "interpolating between their renderings (default) or by a plain cross-fade")
     animate.set_defaults(run=_animate)
+
+    interpolate = commands.add_parser("interpolate", help="re-time a video to another frame rate by frame "
+                                                          "interpolation (keeps its duration and audio)")
+    interpolate.add_argument("--in", dest="input", required=True, help="video to re-time")
+    interpolate.add_argument("--out", required=True, help="video to write (.mp4)")
+    interpolate.add_argument("--fps", required=True, help="frame rate of --out, 12 to 240")
+    _add_interpolator_args(interpolate)
+    interpolate.set_defaults(run=_interpolate)
 
     conversion = commands.add_parser("convert", help="a SkyReels-A1 release folder -> one Orbax checkpoint")
     conversion.add_argument("--from", dest="source", required=True,

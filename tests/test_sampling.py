@@ -12,6 +12,7 @@ import pytest
 
 from a1_jax.cli import main
 from a1_jax.errors import UserError
+from a1_jax.interpolate import BlendInterpolator
 from a1_jax.io.audio import mux_audio, read_audio, stream_durations
 from a1_jax.io.video import probe_video, read_frames, read_image, resample_indices, write_video
 from a1_jax.motion.reference import crop_and_resize
@@ -177,12 +178,15 @@ def test_stitch_emits_each_driving_frame_once_with_a_cross_fade_at_each_seam():
         for m, d in enumerate(plan.indices(start)):
             decoded[1 + m], control[1 + m] = 100 * k, d
         windows.append((decoded, control))
-    pairs = list(stitch(plan, windows, crossfade=4))
+    pairs = list(stitch(plan, windows, seam=BlendInterpolator()))
     assert [int(c[0, 0, 0]) for _, c in pairs] == list(range(100))
     window_of = [int(f[0, 0, 0]) for f, _ in pairs]
-    assert window_of[:44] == [0] * 44 and window_of[48:84] == [100] * 36 and window_of[88:] == [200] * 12
-    assert window_of[44:48] == [20, 40, 60, 80]  # 1/5 … 4/5 of the way from window 0 to window 1
-    assert window_of[84:88] == [120, 140, 160, 180]
+    assert window_of[:40] == [0] * 40 and window_of[48:80] == [100] * 32 and window_of[88:] == [200] * 12
+    # The 8 overlapping frames go 1/9 … 8/9 of the way from one window to the next.
+    assert window_of[40:48] == [11, 22, 33, 44, 56, 67, 78, 89]
+    assert window_of[80:88] == [111, 122, 133, 144, 156, 167, 178, 189]
+    shorter = [int(f[0, 0, 0]) for f, _ in stitch(plan, windows, seam=BlendInterpolator(), seam_frames=4)]
+    assert shorter[40:48] == [0, 0, 0, 0, 20, 40, 60, 80]  # the last 4 only: 1/5 … 4/5
 
 
 # -------------------------------------------------------------------------------------------------- the command
@@ -198,20 +202,24 @@ def _animate(tmp_path, shared, *extra, capsys=None):
 
 def test_animate_single_clip_on_the_tiny_configuration(tmp_path, shared, capsys):
     code, captured = _animate(tmp_path, shared, "--single-clip", "--preview", str(tmp_path / "preview.mp4"),
-                              capsys=capsys)
+                              "--fps", "30", capsys=capsys)
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert "random weights: the output shows the pipeline, not a likeness" in captured.err
-    assert summary["frames"] == 47 and summary["windows"] == 1 and summary["ok"]
+    # 47 model frames at 12 fps (3.92 s) -> 118 frames at 30 fps, the in-betweens interpolated (flow).
+    assert summary["frames_12fps"] == 47 and summary["frames"] == 118 and summary["fps"] == 30
+    assert summary["windows"] == 1 and summary["interpolator"] == "flow" and summary["ok"]
     assert set(summary["stage_seconds"]) == {"landmarks", "conditions", "denoise", "decode"}
     info = probe_video(str(tmp_path / "out.mp4"))
-    assert (info.num_frames, info.height, info.width, info.fps) == (47, 480, 720, 12)
-    preview = probe_video(str(tmp_path / "preview.mp4"))
-    assert preview.num_frames == 47 and preview.height == 480 and preview.width == 720 * 3 + 480
-    frames = np.stack(list(read_frames(str(tmp_path / "out.mp4"), range(47))))
+    assert (info.num_frames, info.height, info.width, info.fps) == (118, 480, 720, 30)
+    preview = probe_video(str(tmp_path / "preview.mp4"))  # the preview stays at the model's 12 fps
+    assert preview.num_frames == 47 and preview.fps == 12 and preview.height == 480 and preview.width == 720 * 3 + 480
+    frames = np.stack(list(read_frames(str(tmp_path / "out.mp4"), range(118))))
     assert frames.std() > 5  # a real, varied picture, not a constant frame
     # the driving video's own sound under the frames shown: f0 … f46 (drive_4 has 38; the padding replays f37's)
-    assert stream_durations(str(tmp_path / "out.mp4"))["audio"] == pytest.approx(47 / 12, abs=0.03)
+    durations = stream_durations(str(tmp_path / "out.mp4"))
+    assert durations["audio"] == pytest.approx(47 / 12, abs=0.03)
+    assert durations["video"] == pytest.approx(47 / 12, abs=1 / 30 + 0.01)  # re-timed: the same duration, in sync
     assert summary["audio_seconds"] == pytest.approx(47 / 12, abs=1e-3)
 
 
@@ -230,6 +238,7 @@ def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shar
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert available > expected and summary["windows"] == 3 and summary["frames"] == expected and summary["ok"]
+    assert summary["fps"] == 12 and summary["seam"] == "interpolate"  # the default: 12 fps, seams interpolated
     out = probe_video(str(tmp_path / "out.mp4"))
     assert (out.num_frames, out.height, out.width, out.fps) == (expected, 480, 720, 12)
     assert summary["audio_seconds"] is None and "audio" not in stream_durations(str(tmp_path / "out.mp4"))
@@ -237,6 +246,7 @@ def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shar
 
 @pytest.mark.parametrize("case, words", [
     ("steps 0", "--steps must be at least 1"),
+    ("fps below 12", "--fps must be between 12"),
     ("no face in the driving video", "no face"),
     ("unwritable output", "output folder does not exist"),
     ("missing checkpoint", "checkpoint folder not found"),
@@ -247,6 +257,8 @@ def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, releas
     extra = []
     if case == "steps 0":
         extra = ["--steps", "0"]
+    elif case == "fps below 12":
+        extra = ["--fps", "8"]
     elif case == "no face in the driving video":
         blank = str(tmp_path / "blank.mp4")
         write_video(blank, [np.zeros((64, 64, 3), np.uint8)] * 24, fps=12)

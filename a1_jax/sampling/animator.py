@@ -38,6 +38,7 @@ import numpy as np
 from a1_jax import conditions as cond
 from a1_jax import diffusion, parallel
 from a1_jax.errors import UserError
+from a1_jax.interpolate import Interpolator
 from a1_jax.io.video import read_image
 from a1_jax.models import vae
 from a1_jax.motion import face_align
@@ -218,12 +219,13 @@ class Animator:
 
     def frames(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0,
                seed: int = 0, single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
-               report: Report | None = None, progress: bool = False,
-               plan: "VideoPlan | None" = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+               report: Report | None = None, progress: bool = False, plan: "VideoPlan | None" = None,
+               seam: Interpolator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """`(output frame, control frame)` pairs, one per 12-fps driving frame (47 with `single_clip`, as the
         reference's single-clip script), streamed window by window; `driving`: a video path or a `MotionTrack`.
         `report` is filled in as it goes. `plan`: from
-        `plan_video` (then `image`, `driving`, `single_clip`, `max_frames` and `landmarker` are not used)."""
+        `plan_video` (then `image`, `driving`, `single_clip`, `max_frames` and `landmarker` are not used). `seam`:
+        how windows join (`windows.stitch`; default: `flow` interpolation)."""
         report = report if report is not None else Report()
         self.schedule(steps)  # a bad step count fails before any work
         if plan is None:
@@ -252,7 +254,7 @@ class Animator:
                 decoded, control = next(pairs)
                 pairs = zip(decoded[SINGLE_CLIP_DROP:], control[SINGLE_CLIP_DROP:])
             else:
-                pairs = stitch(windows, pairs)
+                pairs = stitch(windows, pairs, seam=seam)
             for pair in pairs:
                 report.frames += 1
                 yield pair
