@@ -114,7 +114,7 @@ def _add_motion_source_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_interpolator_args(parser: argparse.ArgumentParser) -> None:
     # A string, checked by the library: a bad value is one line and exit 2 like every other user mistake.
-    parser.add_argument("--interpolator", default="flow",
+    parser.add_argument("--interpolator", metavar="{flow,blend,film}", default="flow",
                         help="how in-between frames are made: flow (default; optical flow, no weights), blend "
                              "(cross-fade) or film (FILM, needs --interpolator-weights and torch)")
     parser.add_argument("--interpolator-weights", metavar="FILE",
@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="mesh preset for parameters and activations (single, fsdp, fsdp_tensor, ... or a path)")
     animate.add_argument("--dtype", choices=("float32", "bfloat16"),
                          help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
-    animate.add_argument("--fps", default="12",
+    animate.add_argument("--fps", metavar="N", default="12",
                          help="frame rate of --out, any number from 12 (the model's rate, default) to 240: frames "
                               "in between are interpolated, the duration is kept (--preview stays at 12)")
     _add_interpolator_args(animate)
@@ -236,9 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     interpolate = commands.add_parser("interpolate", help="re-time a video to another frame rate by frame "
                                                           "interpolation (keeps its duration and audio)")
-    interpolate.add_argument("--in", dest="input", required=True, help="video to re-time")
-    interpolate.add_argument("--out", required=True, help="video to write (.mp4)")
-    interpolate.add_argument("--fps", required=True, help="frame rate of --out, 12 to 240")
+    interpolate.add_argument("--in", dest="input", metavar="VIDEO", required=True, help="video to re-time")
+    interpolate.add_argument("--out", metavar="VIDEO", required=True, help="video to write (.mp4)")
+    interpolate.add_argument("--fps", metavar="N", required=True, help="frame rate of --out, 12 to 240")
     _add_interpolator_args(interpolate)
     interpolate.set_defaults(run=_interpolate)
 

@@ -7,10 +7,11 @@ No weights; OpenCV only. For a pair `a` (t = 0), `b` (t = 1):
 2. Forward–backward consistency of every pixel of each frame, `|f01(x) + f10(x + f01(x))|`: a pixel the other frame
    hides has no consistent match.
 3. For each time t, every pixel of `a` is carried a fraction t of its motion, every pixel of `b` a fraction 1 − t
-   back (splatted to the nearest pixel of a half-resolution grid; a 3×3 box closes one-pixel gaps). Where two pixels
-   land together, the consistent one wins: at time t a pixel being covered is already inconsistent, the one covering
-   it is not. Where `a`'s pixels land, `a` is visible at t; likewise `b`; the motions that land give one motion per
-   pixel of the frame at t (where none lands, the linear blend of both flows stands in).
+   back (splatted to the nearest pixel of a half-resolution grid; where nothing lands, the 3×3 neighbourhood closes
+   the gap a stretching motion leaves). Where two pixels land together, the consistent one wins: at time t a pixel
+   being covered is already inconsistent, the one covering it is not. Where `a`'s pixels land, `a` is visible at t;
+   likewise `b`; the motions that land give one motion per pixel of the frame at t (where none lands, the linear
+   blend of both flows stands in).
 4. Both frames are read along that motion (backward warp at full resolution) and blended with weights
    `(1 − t)·visible_a` and `t·visible_b`: by occlusion and by distance in time.
 
@@ -27,7 +28,7 @@ import numpy as np
 
 from a1_jax.interpolate.base import Interpolator, blend
 
-FLOW_SCALE = 0.5  # flow on a half-size copy: at 720×480, 2.6× less work than full size for 0.1 dB (BUILD_NOTES)
+FLOW_SCALE = 0.5  # flow on a half-size copy: at 720×480, ~2.7× less work than full size for 0.05 dB (BUILD_NOTES)
 MIN_FLOW_PIXELS = 360 * 240  # small frames keep enough flow resolution
 MAX_FLOW_PIXELS = 960 * 540  # large frames (4K) cost what 1080p costs
 MIN_FLOW_SIDE = 12  # DIS needs one side at least this long; smaller pairs are cross-faded
@@ -43,7 +44,7 @@ class PairFlow:
 
     forward: np.ndarray  # [h, w, 2] f01: where a's pixel x is in b, minus x (x, y order)
     backward: np.ndarray  # [h, w, 2] f10
-    weight_a: np.ndarray  # [h, w] in (0, 1]: ~1 for a pixel whose match in b leads back to it, 0.001 for none
+    weight_a: np.ndarray  # [h, w]: ~1 for a pixel whose match in b leads back to it, ~0.001 for one without a match
     weight_b: np.ndarray
     inconsistent: float  # the fraction of pixels (of both frames) without a match
 
