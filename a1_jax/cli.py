@@ -315,7 +315,10 @@ def _close_stages(args: argparse.Namespace) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, --version, or a bad value (one line already printed): a code, not an exit
+        return int(e.code or 0)
     if getattr(args, "stages", False) is True:  # a status line from the first second, before the heavy imports
         from a1_jax.progress import Stages
 

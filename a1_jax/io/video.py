@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import tempfile
+import warnings
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -184,7 +185,11 @@ class VideoWriter:
                 self._partial, (width, height), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
                 quality=self.quality, macro_block_size=1, ffmpeg_log_level="error",
                 output_params=["-preset", "veryfast"])  # 2x faster than medium, same size on mostly-black frames
-            self._writer.send(None)  # start the generator
+            with warnings.catch_warnings():
+                # ffmpeg starts with subprocess, which forks and execs at once: JAX's threads are never touched in
+                # the child, so JAX's fork warning is noise, for the CLI and every script that writes a video.
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                self._writer.send(None)  # start the generator (and ffmpeg)
         elif (height, width) != self._size:
             raise ValueError(f"frame size changed from {self._size} to {(height, width)}")
         self._writer.send(np.ascontiguousarray(frame, dtype=np.uint8))
