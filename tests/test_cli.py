@@ -112,7 +112,8 @@ def test_examples_ship_in_the_package_small_and_public_domain():
     (["animate", "--example", "--out", "o.mp4", "--preview", "p.png"], "--preview p.png"),
     (["animate", "--example", "--out", "/proc/x.mp4"], "no new file can be created in /proc"),
     (["animate", "--ref", "absent.png", "--example", "--out", "o.mp4"], "image not found: absent.png"),
-    (["animate", "--out", "o.mp4"], "animate needs --ref and --driving (or --example"),
+    (["animate", "--out", "o.mp4"], "animate needs --ref (or --example"),
+    (["animate", "--example", "--audio", "absent.wav", "--out", "o.mp4"], "file not found: absent.wav (--audio)"),
     (["landmarks", "--ref", "{portrait}", "--driving", "{driving}", "--out", "c.gif"], "use .mp4 (got '.gif')"),
 ])
 def test_bad_paths_fail_in_a_fresh_interpreter_within_seconds(tmp_path, argv, words):
