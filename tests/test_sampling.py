@@ -347,3 +347,18 @@ def test_the_python_api_example_runs(tmp_path, examples):
     summary = animate_example.main(["--out", str(tmp_path / "example.mp4"), "--steps", "1"])  # the shipped examples
     assert summary["frames"] == 47 and summary["shape"] == [47, 480, 720, 3]
     assert probe_video(str(tmp_path / "example.mp4")).num_frames == 47
+
+
+def test_weight_sources_say_what_a_trained_workdir_trained(tmp_path, monkeypatch):
+    """A training run's base model records its random networks; the workdir's DiT is the trained one."""
+    workdir = tmp_path / "run"
+    params = {name: {"w": np.zeros(2, np.float32)} for name in checkpoint.NETWORKS}
+    sources = {name: checkpoint.random_source(3) for name in checkpoint.NETWORKS}
+    checkpoint.save_checkpoint(workdir / checkpoint.WORKDIR_MODEL, checkpoint.model_config_folder("tiny"), params,
+                               sources=sources)
+    assert checkpoint.weight_sources(workdir) == sources  # no step saved yet: the base model
+    monkeypatch.setattr(checkpoint, "trained_step", lambda folder: (200, "ema"))
+    found = checkpoint.weight_sources(workdir)
+    assert found["transformer"].startswith("trained (step 200, ema)")
+    assert all(checkpoint.is_random(found[name]) for name in ("vae", "pose_guider", "siglip"))
+    assert not checkpoint.is_random(found["transformer"])
