@@ -321,7 +321,7 @@ def _blank_video(path, count=24):
     ("no_face_portrait", "no face found"),
     ("faceless_driving", "no face in 24 of 24"),
     ("bad_max_frames", "--max-frames"),
-    ("bad_output_folder", "output folder does not exist"),
+    ("bad_output_folder", "does not exist"),
 ])
 def test_bad_inputs_are_one_line_user_errors(tmp_path, shared, capsys, case, message):
     ref = str(shared / "data" / "portraits" / "ref_1.png")
