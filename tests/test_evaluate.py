@@ -398,16 +398,22 @@ def test_a_video_without_faces_is_a_measurement_not_a_mistake(tmp_path, assets, 
     assert mean["frames"] == 40 and mean["expression_l1"] == report["videos"][0]["summary"]["expression_l1"]
 
 
-def test_the_reference_is_seen_on_its_canvas(tmp_path, assets):
-    """A small face in a wide photo: evaluate finds it where animate does, on the 480x720 canvas it crops."""
-    portrait = read_image(assets["ref"])
-    wide = np.zeros((portrait.shape[0] * 2, portrait.shape[1] * 4, 3), np.uint8)
-    top, left = portrait.shape[0] // 2, (wide.shape[1] - portrait.shape[1]) // 2
-    wide[top:top + portrait.shape[0], left:left + portrait.shape[1]] = portrait
-    path = str(tmp_path / "wide.png")
-    cv2.imwrite(path, cv2.cvtColor(wide, cv2.COLOR_RGB2BGR))
-    summary, _ = evaluate_video(path, assets["drive_1"], assets["drive_1"], identity_frames=1)
-    assert summary["frames"] > 0 and summary["ok"]
+def test_the_reference_is_seen_on_its_canvas(assets, monkeypatch):
+    """evaluate detects (and describes) the portrait on the 480x720 canvas animate crops it to, not the full photo."""
+    from a1_jax.evaluate import report
+
+    seen = []
+    detect = report.Landmarker.detect
+
+    def recording(self, image, timestamp_ms=None):
+        if timestamp_ms is None:  # the still-image pass: the reference
+            seen.append(image.shape)
+        return detect(self, image, timestamp_ms)
+
+    monkeypatch.setattr(report.Landmarker, "detect", recording)
+    summary, _ = evaluate_video(assets["ref"], assets["drive_1"], assets["drive_1"], identity_frames=1)
+    assert read_image(assets["ref"]).shape != (480, 720, 3) and seen == [(480, 720, 3)]
+    assert summary["ok"]
 
 
 def test_python_dash_m_evaluate_in_a_real_process(tmp_path, assets, generated):
