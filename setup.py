@@ -18,8 +18,10 @@ setup(
     description="SkyReels-A1 portrait animation in JAX/Flax: inference with PyTorch parity, and training",
     packages=find_packages(include=["a1_jax", "a1_jax.*"]),
     # MediaPipe's face landmarker (Apache-2.0, 3.7 MB): a fresh install animates with no download. The face rig
-    # (blendshapes -> landmark offsets, 0.3 MB) is ours, fitted by tools/fit_face_rig.py.
-    package_data={"a1_jax": ["assets/face_landmarker.task", "assets/face_rig.npz"]},
+    # (blendshapes -> landmark offsets, 0.3 MB) is ours, fitted by tools/fit_face_rig.py. The example portrait and
+    # driving clip (public domain, ~380 KB; examples/LICENSES.md): `a1-jax animate --example`.
+    package_data={"a1_jax": ["assets/face_landmarker.task", "assets/face_rig.npz", "examples/portrait.png",
+                             "examples/driving.mp4", "examples/LICENSES.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",  # no upper bound: GPU machines bring newer jax

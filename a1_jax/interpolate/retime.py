@@ -115,7 +115,7 @@ def run_interpolate(args) -> dict:
     interpolator = make_interpolator(args.interpolator, args.interpolator_weights)
     if os.path.abspath(args.input) == os.path.abspath(args.out):
         raise UserError(f"--out must differ from --in ({args.out}): the input is read while the output is written")
-    writer = VideoWriter(args.out, fps)  # an output that cannot be written fails here, before any work
+    writer = VideoWriter(args.out, fps, what="--out")  # an output that cannot be written fails here, before any work
     # The sound, decoded before any work (a broken track fails here too); muxed under the re-timed frames, whose
     # timeline is the input's.
     audio = read_audio(args.input, rate=MUX_RATE, mono=False, required=False)

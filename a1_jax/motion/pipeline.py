@@ -19,7 +19,7 @@ import contextlib
 import dataclasses
 import os
 import time
-from typing import Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -45,6 +45,9 @@ def clip_order(num_sampled: int, max_frames: int | None) -> np.ndarray:
     return np.minimum(order, num_sampled - 1)
 
 
+MISSING_FACE = ("drop", "fill")
+
+
 @dataclasses.dataclass(frozen=True)
 class MotionPlan:
     """Everything the drawing pass needs: the reference, where each control frame comes from, the driver's motion."""
@@ -60,14 +63,23 @@ class MotionPlan:
     track: MotionTrack  # [S] frames: the source's motion (a video's: MediaPipe's blendshapes, pose and gaze)
     sample_times: np.ndarray  # [S] seconds of each sampled frame in the source (what its audio plays then)
     measured: bool = True  # driving landmarks measured on a video; False: built by the rig on the reference
+    missing_face: str = "fill"  # what was done with the frames without a face: "drop" or "fill"
+    frames_without_face: tuple[int, ...] = ()  # 12-fps frames (of those examined) where no face was found
 
     @property
     def num_frames(self) -> int:
         return 1 + len(self.order)
 
 
-def _progress(iterable, total: int, description: str, enabled: bool):
-    if not enabled:
+def _progress(iterable, total: int, description: str, progress: bool | Callable[[int, int], None]):
+    """`iterable` with a tqdm bar (`progress` True, on a terminal), or calling `progress(done, total)` per item."""
+    if callable(progress):
+        def counted():
+            for done, item in enumerate(iterable, 1):
+                yield item
+                progress(min(done, total), total)
+        return counted()
+    if not progress:
         return iterable
     from tqdm import tqdm
 
@@ -76,39 +88,55 @@ def _progress(iterable, total: int, description: str, enabled: bool):
 
 
 def plan_motion(reference_image: np.ndarray, driving_path: str, *, landmarker_path: str | None = None,
-                max_frames: int | None = None, progress: bool = False, reference_name: str = "the reference image",
-                min_confidence: float = 0.5, max_driving_frames: int | None = None) -> MotionPlan:
+                max_frames: int | None = None, progress: bool | Callable[[int, int], None] = False,
+                reference_name: str = "the reference image", min_confidence: float = 0.5,
+                max_driving_frames: int | None = None, missing_face: str = "drop") -> MotionPlan:
     """Detect the reference face and the driver's landmarks in every sampled frame a control video needs.
 
-    `max_driving_frames`: use only the first this many 12-fps frames of the driving video."""
+    `max_driving_frames`: use only the first this many 12-fps frames of the driving video. `missing_face`: `drop`
+    the frames without a face (the reference's long-video script; a clip then reads on until it has enough faces) or
+    `fill` them from their neighbours."""
     if max_driving_frames is not None and max_driving_frames < 1:
         raise UserError(f"--max-frames must be at least 1, got {max_driving_frames}")
     model = find_landmarker_model(landmarker_path)
     info = probe_video(driving_path)
     sampled = resample_indices(info.num_frames, info.fps)[:max_driving_frames]
-    order = clip_order(len(sampled), max_frames)
-    used = sampled[:int(order.max()) + 1] if len(order) else sampled[:1]
-    timestamps = [int(round(index * 1000 / info.fps)) for index in used]
-    return plan_motion_frames(reference_image, read_frames(driving_path, used), timestamps, order,
-                              landmarker_path=model, driving_name=driving_path, source_indices=used,
-                              progress=progress, reference_name=reference_name, min_confidence=min_confidence,
-                              sample_times=np.arange(len(used)) / TARGET_FPS)
+    timestamps = [int(round(index * 1000 / info.fps)) for index in sampled]
+    return plan_motion_frames(reference_image, read_frames(driving_path, sampled), timestamps, None,
+                              max_frames=max_frames, landmarker_path=model, driving_name=driving_path,
+                              source_indices=sampled, progress=progress, reference_name=reference_name,
+                              min_confidence=min_confidence, missing_face=missing_face,
+                              sample_times=np.arange(len(sampled)) / TARGET_FPS)
 
 
 def plan_motion_frames(reference_image: np.ndarray, driving_frames: Iterable[np.ndarray],
-                       timestamps_ms: Sequence[int], order: np.ndarray, *, landmarker_path: str | None = None,
-                       driving_name: str = "the driving frames", source_indices: np.ndarray | None = None,
-                       progress: bool = False, reference_name: str = "the reference image",
-                       min_confidence: float = 0.5, sample_times: np.ndarray | None = None) -> MotionPlan:
+                       timestamps_ms: Sequence[int], order: np.ndarray | None, *, max_frames: int | None = None,
+                       landmarker_path: str | None = None, driving_name: str = "the driving frames",
+                       source_indices: np.ndarray | None = None, progress: bool | Callable[[int, int], None] = False,
+                       reference_name: str = "the reference image", min_confidence: float = 0.5,
+                       missing_face: str = "fill", sample_times: np.ndarray | None = None) -> MotionPlan:
     """`plan_motion` on driving frames the caller decodes (the dataset writer cuts clips from a video it reads once).
 
-    `driving_frames` (any iterable, consumed once) are shown at `timestamps_ms`, one per frame; `order` indexes them
-    as `MotionPlan.order` does. An iterable that ends early leaves the rest faceless, as a short container does.
-    `driving_name` names the frames in errors; `source_indices` (default `0..n-1`) and `sample_times` (default: the
-    timestamps) are kept in the plan.
+    `driving_frames` (any iterable, consumed lazily) are shown at `timestamps_ms`, one per frame. `order` indexes
+    them as `MotionPlan.order` does (with `missing_face="fill"` only), or None: `clip_order(frames kept,
+    max_frames)`, reading only as many frames as that needs. An iterable that ends early leaves the rest faceless, as
+    a short container does. `driving_name` names the frames in errors; `source_indices` (default `0..n-1`) and
+    `sample_times` (default: the timestamps) are kept in the plan (of the frames kept).
     """
+    if missing_face not in MISSING_FACE:
+        raise ValueError(f"missing_face must be one of {MISSING_FACE}, got {missing_face!r}")
+    if order is not None and missing_face == "drop":
+        raise ValueError("an explicit order indexes the frames as given: it needs missing_face='fill'")
     model = find_landmarker_model(landmarker_path)
     count = len(timestamps_ms)
+    source_indices = np.arange(count) if source_indices is None else np.asarray(source_indices)
+    times = np.asarray(timestamps_ms) / 1000.0 if sample_times is None else np.asarray(sample_times, np.float64)
+    # How many sampled frames the plan needs (with a face, when dropping): an explicit order's, or a clip's.
+    needed = count
+    if order is not None:
+        needed = min(count, int(np.max(order)) + 1) if len(order) else 1
+    elif max_frames is not None:
+        needed = min(count, int(clip_order(count, max_frames).max()) + 1)
     with Landmarker(model, video=False, min_confidence=min_confidence) as landmarker:
         reference = prepare_reference(reference_image, landmarker, reference_name)
 
@@ -116,29 +144,39 @@ def plan_motion_frames(reference_image: np.ndarray, driving_frames: Iterable[np.
     transforms = np.tile(np.eye(4, dtype=np.float32), (count, 1, 1))
     blendshapes = np.zeros((count, 52), np.float32)
     found = np.zeros(count, bool)
-    decoded = 0
+    examined = 0
     with Landmarker(model, video=True, min_confidence=min_confidence) as landmarker:
         pairs = zip(driving_frames, timestamps_ms)
-        for i, (frame, timestamp) in enumerate(_progress(pairs, count, "landmarks", progress)):
-            decoded = i + 1
+        for i, (frame, timestamp) in enumerate(_progress(pairs, needed, "landmarks", progress)):
+            examined = i + 1
             face = landmarker.detect(frame, timestamp)
             if face is not None:
                 points[i], transforms[i], found[i] = face.points, face.transform, True
                 blendshapes[i] = face.blendshapes
-    if decoded < count:  # the container promised more frames than it holds: treat the rest as faceless
-        found[decoded:] = False
-    missing = int((~found).sum())
-    if missing * 2 > count:
-        raise UserError(f"no face in {missing} of {count} sampled frames of {driving_name}: the driving video "
+            if (found[:examined].sum() if missing_face == "drop" else examined) >= needed:
+                break
+    # Frames the container promised but did not hold count as faceless (fill), or are simply gone (drop).
+    examined = needed if missing_face == "fill" else examined
+    found, points, transforms = found[:examined], points[:examined], transforms[:examined]
+    blendshapes, times, used = blendshapes[:examined], times[:examined], source_indices[:examined]
+    without = tuple(int(i) for i in np.flatnonzero(~found))
+    if len(without) * 2 > examined:
+        raise UserError(f"no face in {len(without)} of {examined} sampled frames of {driving_name}: the driving video "
                         "needs a visible face in at least half of its frames")
-    points, transforms = retarget.fill_missing(points, found), retarget.fill_missing(transforms, found)
-    return MotionPlan(reference=reference, driving_path=driving_name,
-                      source_indices=np.arange(count) if source_indices is None else np.asarray(source_indices),
+    if missing_face == "drop":
+        kept = np.flatnonzero(found)
+        points, transforms, blendshapes = points[kept], transforms[kept], blendshapes[kept]
+        used, times = used[kept], times[kept]
+    else:
+        points, transforms = retarget.fill_missing(points, found), retarget.fill_missing(transforms, found)
+        blendshapes = retarget.fill_missing(blendshapes, found)
+    if order is None:
+        order = clip_order(len(points), max_frames)
+    return MotionPlan(reference=reference, driving_path=driving_name, source_indices=used,
                       order=np.asarray(order), driving_points=points, driving_transforms=transforms,
-                      faces_found=int(found.sum()), frames_filled=missing,
-                      track=measured_track(points, transforms, retarget.fill_missing(blendshapes, found)),
-                      sample_times=(np.asarray(timestamps_ms) / 1000.0 if sample_times is None
-                                    else np.asarray(sample_times, np.float64)))
+                      faces_found=int(found.sum()), frames_filled=len(without) if missing_face == "fill" else 0,
+                      track=measured_track(points, transforms, blendshapes), sample_times=times,
+                      missing_face=missing_face, frames_without_face=without)
 
 
 def measured_track(points: np.ndarray, transforms: np.ndarray, blendshapes: np.ndarray) -> MotionTrack:
@@ -211,8 +249,9 @@ def side_by_side(canvas: np.ndarray, driving: np.ndarray, *frames: np.ndarray) -
 
 
 def plan_driver(reference_image: np.ndarray, driver: str | MotionTrack, *, landmarker_path: str | None = None,
-                max_frames: int | None = None, progress: bool = False, reference_name: str = "the reference image",
-                max_driving_frames: int | None = None) -> MotionPlan:
+                max_frames: int | None = None, progress: bool | Callable[[int, int], None] = False,
+                reference_name: str = "the reference image", max_driving_frames: int | None = None,
+                missing_face: str = "drop") -> MotionPlan:
     """`plan_motion` for a driving video's path, `plan_track` for a motion track (cut to `max_driving_frames`)."""
     if isinstance(driver, MotionTrack):
         if max_driving_frames is not None:
@@ -222,7 +261,8 @@ def plan_driver(reference_image: np.ndarray, driver: str | MotionTrack, *, landm
         return plan_track(reference_image, driver, landmarker_path=landmarker_path, max_frames=max_frames,
                           reference_name=reference_name)
     return plan_motion(reference_image, driver, landmarker_path=landmarker_path, max_frames=max_frames,
-                       progress=progress, reference_name=reference_name, max_driving_frames=max_driving_frames)
+                       progress=progress, reference_name=reference_name, max_driving_frames=max_driving_frames,
+                       missing_face=missing_face)
 
 
 def _preview_frames(plan: MotionPlan, control: Iterator[np.ndarray]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -239,22 +279,30 @@ def _preview_frames(plan: MotionPlan, control: Iterator[np.ndarray]) -> Iterator
 
 
 def run_landmarks(args) -> dict:
-    """`a1-jax landmarks`: write the control mp4 (12 fps), optional PNG frames, preview and track; report counts."""
+    """`a1-jax landmarks`: write the control mp4 (12 fps), optional PNG frames, preview and track; report counts.
+
+    `frames` counts the control video's frames: the reference's own landmarks, then one per driving frame used
+    (`driving_frames`, the number of frames `animate` writes for the same inputs)."""
     from a1_jax.motion.sources import load_source
 
     start = time.perf_counter()
+    if args.frames_dir and os.path.exists(args.frames_dir) and not os.path.isdir(args.frames_dir):
+        raise UserError(f"--frames-dir {args.frames_dir} exists and is not a folder")
     image = read_image(args.ref)
     with contextlib.ExitStack() as stack:  # writers first: a bad output path fails before any detection
-        writer = stack.enter_context(VideoWriter(args.out, TARGET_FPS))
-        preview = stack.enter_context(VideoWriter(args.preview, TARGET_FPS)) if args.preview else None
+        writer = stack.enter_context(VideoWriter(args.out, TARGET_FPS, what="--out"))
+        preview = stack.enter_context(VideoWriter(args.preview, TARGET_FPS, what="--preview")) if args.preview else None
         if args.track:
             check_output_file(args.track, ".json")
         if args.frames_dir:
-            os.makedirs(args.frames_dir, exist_ok=True)
+            try:
+                os.makedirs(args.frames_dir, exist_ok=True)
+            except OSError as e:
+                raise UserError(f"cannot create --frames-dir {args.frames_dir}: {e.strerror or e}") from None
         source = load_source(driving=args.driving, audio=args.audio, transcript=args.transcript, text=args.text,
                              blendshapes=args.blendshapes, seed=args.seed, with_audio=False)
         plan = plan_driver(image, source.driving, landmarker_path=args.landmarker, max_frames=args.max_frames,
-                           progress=True, reference_name=args.ref)
+                           progress=True, reference_name=args.ref, missing_face=args.missing_face)
         if args.track:
             write_track(args.track, plan.track)
         control = render_control(plan, motion=args.motion, expression_scale=args.expression_scale, progress=True)
@@ -267,6 +315,6 @@ def run_landmarks(args) -> dict:
             if args.frames_dir:
                 write_png(os.path.join(args.frames_dir, f"{count:05d}.png"), frame)
             count += 1
-    return {"frames": count, "fps": TARGET_FPS, "faces_found": plan.faces_found,
-            "frames_filled": plan.frames_filled, **source.summary, "seconds": round(time.perf_counter() - start, 3),
-            "ok": count == plan.num_frames}
+    return {"frames": count, "driving_frames": count - 1, "fps": TARGET_FPS, "faces_found": plan.faces_found,
+            "missing_face": plan.missing_face, "frames_without_face": list(plan.frames_without_face),
+            **source.summary, "seconds": round(time.perf_counter() - start, 3), "ok": count == plan.num_frames}

@@ -29,7 +29,7 @@ import re
 import numpy as np
 
 from a1_jax.errors import UserError
-from a1_jax.io.video import TARGET_FPS
+from a1_jax.io.video import TARGET_FPS, check_output
 from a1_jax.motion.landmarker import BLENDSHAPE_NAMES
 
 NAMES = BLENDSHAPE_NAMES[1:]  # MediaPipe's categories without `_neutral`: the 51 ARKit blendshapes it estimates
@@ -109,16 +109,8 @@ def still(frames: int, fps: float = TARGET_FPS) -> MotionTrack:
 
 
 def check_output_file(path: str, extension: str) -> None:
-    """An output file we will write later: its folder must exist and be writable, and it must not be a folder."""
-    directory = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(directory):
-        raise UserError(f"output folder does not exist: {directory}")
-    if os.path.isdir(path):
-        raise UserError(f"output {path} is a folder")
-    if not path.lower().endswith(extension):
-        raise UserError(f"output {path} must end in {extension}")
-    if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"cannot write {path}: permission denied")
+    """An output file we will write later (`io.video.check_output`: the extension, the folder, a file can be made)."""
+    check_output(path, "output", (extension,))
 
 
 def write_track(path: str, track: MotionTrack) -> None:
