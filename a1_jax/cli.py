@@ -108,10 +108,8 @@ def _animate(args: argparse.Namespace) -> dict:
 
 
 def _app(args: argparse.Namespace) -> dict:
-    try:
-        from a1_jax.app.server import Limits, serve
-    except ImportError as e:  # gradio is the `app` extra
-        raise UserError(f"the web app needs the app extra: pip install 'a1_jax[app]' ({e})") from None
+    from a1_jax.app.server import Limits, serve
+
     return serve(checkpoint=args.checkpoint, config=args.config, mesh=args.mesh, dtype=args.dtype, host=args.host,
                  port=args.port, limits=Limits(max_seconds=args.max_seconds, max_upload_mb=args.max_upload_mb))
 

@@ -19,8 +19,10 @@ import threading
 import time
 
 import cv2
+import gradio_client  # the test extra brings it, with gradio and selenium
 import numpy as np
 import pytest
+from selenium import webdriver
 
 from a1_jax.cli import build_parser, main
 from a1_jax.io.audio import stream_durations
@@ -28,8 +30,6 @@ from a1_jax.io.video import probe_video, write_video
 from a1_jax.progress import Cancelled, Stages
 from a1_jax.sampling.preflight import AnimateRequest
 
-gradio_client = pytest.importorskip("gradio_client", reason="the app extra: pip install 'a1_jax[app]'")
-webdriver = pytest.importorskip("selenium.webdriver", reason="the test extra brings selenium")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_SECONDS = 10  # the server's --max-seconds: a longer driving video is refused
@@ -37,7 +37,7 @@ STEPS = 2  # every generation here: the compiled denoising loop is shared
 FRAMES = 12  # --max-frames of the generations: one second of the example clip
 START_SECONDS = 1200  # building the tiny networks, cold, on a loaded 2-core machine
 RUN_SECONDS = 1800  # one generation, cold, under load (about a minute on 2 quiet cores)
-CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")  # Debian's, which .ci/run installs
 
 
 # ------------------------------------------------------------------------------------------------ the server
@@ -119,7 +119,6 @@ def bad_inputs(tmp_path_factory, examples):
     (folder / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(4096))  # not a video
     frame = cv2.cvtColor(cv2.imread(examples["portrait"]), cv2.COLOR_BGR2RGB)[:288, :288]
     write_video(str(folder / "long.mp4"), [frame] * (12 * (MAX_SECONDS + 1)), fps=12)  # 11 s
-    shutil.copy(examples["portrait"], folder / "still.png")  # an image where a video goes
     return folder
 
 
@@ -155,12 +154,24 @@ def test_a_cancelled_stage_stops_at_its_next_progress_point():
 def test_session_folders_go_when_the_session_ends(tmp_path):
     from a1_jax.app.server import Sessions
 
+    uploads = tmp_path / "uploads"
+    shared, own, example = (uploads / name / "portrait.png" for name in ("hash1", "hash2", "hash3"))
+    for path in (shared, own, example):
+        path.parent.mkdir(parents=True)
+        path.write_bytes(b"x")
     sessions = Sessions(str(tmp_path), idle_seconds=3600)
-    with sessions.request("a") as first:
+    sessions.keep.add(str(example))
+    with sessions.request("x", [str(shared)]):
+        pass
+    with sessions.request("a", [str(shared), str(own), str(example)]) as first:
         pathlib.Path(first, "out.mp4").write_bytes(b"x")
         sessions.close("a")  # the page closed while its request runs: the folder waits for the request
-        assert os.path.exists(first)
-    assert not os.path.exists(first) and sessions.open == 0
+        assert os.path.exists(first) and own.exists()
+    assert not os.path.exists(first) and sessions.open == 1
+    assert not own.parent.exists()  # its upload went with it
+    assert shared.exists() and example.exists()  # still used by session x; the example serves everyone
+    sessions.close("x")
+    assert not shared.exists() and example.exists() and sessions.open == 0
     with sessions.request("b") as second:
         pass
     assert os.path.exists(second)
@@ -186,7 +197,6 @@ def test_the_server_listens_on_127_0_0_1_only(server):
     ("grey.png", "driving.mp4"),  # no face
     ("notes.png", "driving.mp4"),  # not an image
     ("portrait.png", "broken.mp4"),  # a corrupt video
-    ("portrait.png", "still.png"),  # an image given as the driving video
 ])
 def test_user_errors_come_back_as_the_cli_sentence(server, client, bad_inputs, examples, monkeypatch, capsys, ref,
                                                    driving):
@@ -281,7 +291,7 @@ def browser(monkeypatch):
         raise AssertionError("Selenium Manager was asked for a browser or driver: it downloads, and must not")
 
     monkeypatch.setattr(SeleniumManager, "binary_paths", no_download)
-    if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    if not (CHROMIUM and CHROMEDRIVER):
         reason = "needs Debian's chromium and chromium-driver (.ci/run installs them)"
         if os.environ.get("CI"):
             pytest.fail(reason)

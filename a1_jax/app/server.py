@@ -18,13 +18,12 @@ import json
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
 import time
-from typing import Any, Iterator
-
-import gradio as gr
+from typing import Any, Iterable, Iterator
 
 from a1_jax import examples
 from a1_jax.errors import UserError
@@ -50,7 +49,8 @@ class Limits:
 class Sessions:
     """One private folder per session under `root`, a fresh sub-folder per request. A session's folder is deleted
     by `close` (the page was closed) or after `idle_seconds` without a request; never while one of its requests
-    runs (then when it ends)."""
+    runs (then when it ends). The uploads its requests used (Gradio keeps one copy per content, shared by the
+    sessions that sent it) go with the last session that used them."""
 
     def __init__(self, root: str, idle_seconds: float = SESSION_IDLE_SECONDS):
         self.root, self.idle_seconds = root, idle_seconds
@@ -58,12 +58,16 @@ class Sessions:
         self._last_used: dict[str, float] = {}
         self._running: dict[str, int] = {}
         self._closing: set[str] = set()
+        self._uploads: dict[str, set[str]] = {}
+        self.keep: set[str] = set()  # files every session reads (the examples' copies): never deleted here
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
-    def request(self, session: str) -> Iterator[str]:
-        """A new folder for one request of `session`, inside the session's own."""
+    def request(self, session: str, uploads: Iterable[str] = ()) -> Iterator[str]:
+        """A new folder for one request of `session`, inside the session's own; `uploads`: the files of Gradio's
+        upload cache the request reads."""
         with self._lock:
+            self._uploads.setdefault(session, set()).update(os.path.realpath(path) for path in uploads)
             self._sweep()
             folder = self._folders.get(session)
             if folder is None:
@@ -104,6 +108,11 @@ class Sessions:
         self._closing.discard(session)
         if folder is not None:
             shutil.rmtree(folder, ignore_errors=True)
+        mine = self._uploads.pop(session, set())
+        for path in mine.difference(self.keep, *self._uploads.values()):
+            with contextlib.suppress(OSError):
+                os.remove(path)
+                os.rmdir(os.path.dirname(path))  # Gradio's folder for that upload (named by its content hash)
 
 
 def _private_name(path: str | None, folder: str) -> str | None:
@@ -113,13 +122,28 @@ def _private_name(path: str | None, folder: str) -> str | None:
     return os.path.relpath(path, folder) if os.path.abspath(path).startswith(folder + os.sep) else path
 
 
-def _copy_upload(path: str | None, folder: str) -> str | None:
-    """An upload copied into the request's folder under its own file name (names in messages are the user's)."""
-    if path is None:
+def _copy_upload(payload: dict | None, folder: str) -> str | None:
+    """An upload (Gradio's file payload, its path already checked to lie in the upload cache) copied into the
+    request's folder under its own file name (names in messages are the user's)."""
+    if payload is None:
         return None
+    path = payload["path"]
     target = os.path.join(folder, os.path.basename(path))
-    shutil.copyfile(path, target)
+    try:
+        shutil.copyfile(path, target)
+    except FileNotFoundError:  # its session ended (or was idle too long) and took it along
+        raise UserError(f"{os.path.basename(path)} is no longer on the server: upload it again") from None
     return target
+
+
+def _number(value: Any, default: Any, kind: type, flag: str) -> Any:
+    """A setting as the API or page sent it (None: the CLI's default); a value that is no number is the user's."""
+    if value is None:
+        return default
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise UserError(f"{flag} must be a number, got {value!r}") from None
 
 
 class Server:
@@ -130,14 +154,16 @@ class Server:
         self._one_at_a_time = threading.Lock()
         self.served = {"ok": 0, "failed": 0, "user_errors": 0, "cancelled": 0}
 
-    def generate(self, session: str, stages: Stages, portrait: str | None, driving: str | None, audio: str | None,
-                 text: str | None, steps: int, guidance: float, seed: int, fps: float, single_clip: bool,
-                 max_frames: int | None) -> tuple[str, str, dict, str] | None:
-        """One request, in a worker thread: (video, preview, summary, control), or None when cancelled. A user's
+    def generate(self, session: str, stages: Stages, portrait: dict | None, driving: dict | None,
+                 audio: dict | None, text: str | None, steps: Any, guidance: Any, seed: Any, fps: Any,
+                 single_clip: Any, max_frames: Any) -> tuple[str, str, dict, str] | None:
+        """One request, in a worker thread: (video, preview, summary, control), or None when cancelled. The inputs
+        are as the page or API sent them (uploads as Gradio's file payloads; None: the CLI's default). A user's
         mistake raises `UserError` with the server's paths taken out."""
         from a1_jax.sampling.animate import run_animate
 
-        with self._one_at_a_time, self.sessions.request(session) as folder:
+        uploads = [payload["path"] for payload in (portrait, driving, audio) if payload is not None]
+        with self._one_at_a_time, self.sessions.request(session, uploads) as folder:
             summary: dict[str, Any] = {}
             try:
                 if portrait is None:
@@ -145,8 +171,11 @@ class Server:
                 request = AnimateRequest(
                     ref=_copy_upload(portrait, folder), driving=_copy_upload(driving, folder),
                     audio=_copy_upload(audio, folder), text=text or None,
-                    steps=int(steps), guidance=float(guidance), seed=int(seed), fps=fps, single_clip=bool(single_clip),
-                    max_frames=None if max_frames is None else int(max_frames), max_seconds=self.limits.max_seconds,
+                    steps=_number(steps, DEFAULT.steps, int, "--steps"),
+                    guidance=_number(guidance, DEFAULT.guidance, float, "--guidance"),
+                    seed=_number(seed, DEFAULT.seed, int, "--seed"), fps=DEFAULT.fps if fps is None else fps,
+                    single_clip=bool(single_clip), max_frames=_number(max_frames, None, int, "--max-frames"),
+                    max_seconds=self.limits.max_seconds,
                     **{key: os.path.join(folder, name) for key, name in OUTPUT_NAMES.items()})
                 summary = run_animate(request, stages=stages, animator=self.animator)
             except UserError as e:
@@ -178,18 +207,11 @@ def _show_progress(progress: Any, stages: Stages) -> None:
         progress((done, total), desc=stages.status.rsplit(f" {done}/{total}", 1)[0].strip(), unit=unit)
 
 
-class Portrait(gr.Image):
-    """The image widget, handing the upload on untouched: the library reads and checks it (the CLI's message for a
-    file that is no image)."""
+def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa: F821
+    """The page and its API. `weights_note`: what the weights are (shown at the top of the page). Gradio is imported
+    here, once `serve` has pointed its folders into the server's root."""
+    import gradio as gr
 
-    is_template = True  # the page draws it as gr.Image
-
-    def preprocess(self, payload: Any) -> str | None:
-        return None if payload is None else payload.path
-
-
-def build_app(server: Server, *, weights_note: str) -> gr.Blocks:
-    """The page and its API. `weights_note`: what the weights are (shown at the top of the page)."""
     # The API's defaults are the widgets' values (the CLI's), or None where a `None` default says so.
     async def animate(portrait, driving=None, audio=None, text=None, steps=None, guidance=None, seed=None, fps=None,
                       single_clip=None, max_frames=None, request: gr.Request = None, progress=gr.Progress()):
@@ -224,7 +246,7 @@ def build_app(server: Server, *, weights_note: str) -> gr.Blocks:
                     f"\n\n**Weights:** {weights_note}")
         with gr.Row():
             with gr.Column():
-                portrait = Portrait(label="portrait", type="filepath", sources=["upload", "clipboard"],
+                portrait = gr.Image(label="portrait", type="filepath", sources=["upload", "clipboard"],
                                     elem_id="portrait", height=VIDEO_HEIGHT)
                 with gr.Tabs():
                     with gr.Tab("driving video"):
@@ -260,21 +282,37 @@ def build_app(server: Server, *, weights_note: str) -> gr.Blocks:
         event = generate.click(animate, inputs=[portrait, driving, audio, text, steps, guidance, seed, fps,
                                                 single_clip, max_frames],
                                outputs=[video, preview, summary, control], api_name=API_NAME,
-                               concurrency_limit=1)
+                               concurrency_limit=1,
+                               # The uploads reach the library untouched (Gradio's own decoding would answer a file
+                               # that is no image or video with its message, not the CLI's).
+                               preprocess=False)
         cancel.click(None, cancels=[event], api_name=False)
         app.unload(end_session)
+    server.sessions.keep.update(os.path.realpath(path) for block in app.blocks.values()
+                                for path in getattr(block, "keep_in_cache", ()))  # the examples' cached copies
     return app
 
 
 def serve(*, checkpoint: str | None, config: str, mesh: str | None, dtype: str | None, host: str, port: int,
           limits: Limits) -> dict:
     """Builds the Animator, then serves the page until interrupted; the summary of what was served."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # a taken port fails at once
+        try:
+            probe.bind((host, port))
+        except (OSError, OverflowError) as e:  # taken, not this machine's address, or no port number
+            raise UserError(f"cannot serve on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
     root = tempfile.mkdtemp(prefix="a1_jax_app_")  # mode 0700: this user's only
-    os.environ["GRADIO_TEMP_DIR"] = root  # Gradio's upload cache inside it, so both go together
-    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    # Read when Gradio is imported: its upload cache and scratch folders inside the root, so all go together; no
+    # telemetry and no update check.
+    os.environ["GRADIO_TEMP_DIR"] = root
+    os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
     stages = Stages("app")
     try:
         with stages("startup"):
+            try:
+                import gradio as gr
+            except ImportError as e:
+                raise UserError(f"the web app needs the app extra: pip install 'a1_jax[app]' ({e})") from None
             from a1_jax.sampling.animate import build_animator, random_weights_notice
         with stages("model"):
             animator = build_animator(checkpoint, config, dtype=dtype, mesh=mesh)
