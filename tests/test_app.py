@@ -267,7 +267,7 @@ def test_the_api_animates_the_example_while_others_wait_their_turn(server, clien
 
 
 def test_cancel_stops_between_denoising_steps(server, client, examples):
-    steps = 10  # a loop long enough to stop in
+    steps = 100  # a loop far longer than the cancel takes to arrive (one step: 0.2-1 s here), so it lands inside
     job = client.submit(portrait=gradio_client.handle_file(examples["portrait"]),
                         driving=gradio_client.handle_file(examples["driving"]), max_frames=FRAMES, steps=steps,
                         api_name="/animate")
@@ -329,7 +329,8 @@ def _page(driver, url: str, portrait: str, driving: str) -> None:
     driver.find_element(By.CSS_SELECTOR, "#settings button").click()
     for field, value in (("steps", STEPS), ("max_frames", FRAMES)):
         box = driver.find_element(By.CSS_SELECTOR, f"#{field} input[type=number]")
-        box.send_keys(Keys.CONTROL, "a", Keys.BACKSPACE, str(value), Keys.TAB)
+        box.send_keys(Keys.CONTROL, "a")  # one call holds CONTROL until its end: the value is typed apart
+        box.send_keys(Keys.BACKSPACE, str(value), Keys.TAB)
     _wait(driver, "return document.querySelector('#driving video') !== null", 60)  # both uploads shown
     driver.find_element(By.ID, "generate").click()
 
@@ -375,7 +376,10 @@ def test_browser_shows_an_error_then_animates_the_example(server, browser, bad_i
     source = _wait(browser, VIDEO_SOURCE, RUN_SECONDS, seen)
     assert source.startswith(server.url) and source.endswith("animated.mp4"), source
     assert any("denoise" in text for text in seen) and any("decode" in text for text in seen), set(seen)
-    assert server.next_request()["ok"]
+    logged = server.next_request()
+    assert logged["ok"] and (logged["frames"], logged["steps"]) == (FRAMES, STEPS), logged  # the settings typed in
+    _wait(browser, "return Array.from(document.querySelectorAll('#animated video, #preview video, #control video'))"
+                   ".filter(v => v.readyState >= 2 && v.videoWidth > 0).length === 3", 120)  # all three play
     page_height = browser.execute_script("return document.documentElement.scrollHeight")
     browser.set_window_size(1280, page_height + 200)  # the whole page in the screenshot (200: the window's frame)
     screenshot = tmp_path / "app.png"

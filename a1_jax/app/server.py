@@ -157,7 +157,8 @@ class Server:
     def generate(self, session: str, stages: Stages, portrait: dict | None, driving: dict | None,
                  audio: dict | None, text: str | None, steps: Any, guidance: Any, seed: Any, fps: Any,
                  single_clip: Any, max_frames: Any) -> tuple[str, str, dict, str] | None:
-        """One request, in a worker thread: (video, preview, summary, control), or None when cancelled. The inputs
+        """One request, in a worker thread: (video, preview, summary, control), or None when cancelled (a summary
+        with `ok` false but no `error`, e.g. fewer frames than planned, is returned as the CLI prints it). The inputs
         are as the page or API sent them (uploads as Gradio's file payloads; None: the CLI's default). A user's
         mistake raises `UserError` with the server's paths taken out."""
         from a1_jax.sampling.animate import run_animate
@@ -190,8 +191,8 @@ class Server:
                                               for key, value in summary.items()}}), flush=True)
         if summary.get("cancelled"):
             return None
-        if not summary.get("ok"):
-            raise UserError(summary.get("error") or "the animation did not finish: see the summary")
+        if summary.get("error"):  # e.g. NaN latents (broken weights): no output, the CLI's message
+            raise UserError(summary["error"])
         shown = {key: _private_name(value, folder) if isinstance(value, str) else value
                  for key, value in summary.items()}
         return summary["out"], summary["preview"], shown, summary["control"]
