@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 TICK_SECONDS = 1.0
 
@@ -27,8 +27,11 @@ class Cancelled(Exception):
 class Stages:
     """Times named stages (a stage entered twice adds up; nested stages are exclusive) and shows the current one, with sub-progress, on stderr."""
 
-    def __init__(self, command: str, *, enabled: bool = True, started: float | None = None):
-        self.command = command
+    def __init__(self, command: str, *, enabled: bool = True, started: float | None = None,
+                 listener: Callable[["Stages"], None] | None = None):
+        """`listener`: called with the Stages at each change of stage or sub-progress, in the thread that made it
+        (the web app's progress bar)."""
+        self.command, self.listener = command, listener
         self.started = time.perf_counter() if started is None else started
         self.seconds: dict[str, float] = {}
         self._stage, self._stage_started, self._detail = "starting", self.started, ""
@@ -58,7 +61,7 @@ class Stages:
             self._add(self._stack[-1], now - self._stage_started)
         self._stack.append(stage)
         self._stage, self._stage_started, self._detail, self._count = stage, now, "", None
-        self._show()
+        self._changed()
         try:
             yield
         finally:
@@ -66,7 +69,7 @@ class Stages:
             self._add(self._stack.pop(), now - self._stage_started)
             self._stage, self._detail, self._count = outer[0], outer[2], None
             self._stage_started = now if self._stack else outer[1]
-            self._show()
+            self._changed()
 
     def _add(self, stage: str, seconds: float) -> None:
         self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
@@ -74,14 +77,14 @@ class Stages:
     def advance(self, done: int, total: int, unit: str) -> None:
         """Sub-progress of the current stage; raises `Cancelled` once `cancel` was called."""
         self._detail, self._count = f" {done}/{total} {unit}", (done, total, unit)
-        self._show()
+        self._changed()
         self._stop_if_cancelled()
 
     def note(self, text: str) -> None:
         """A word on the current stage (e.g. which window) without a count; raises `Cancelled` once `cancel` was
         called."""
         self._detail, self._count = f" {text}", None
-        self._show()
+        self._changed()
         self._stop_if_cancelled()
 
     @property
@@ -115,6 +118,11 @@ class Stages:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+    def _changed(self) -> None:
+        self._show()
+        if self.listener is not None:
+            self.listener(self)
 
     def _show(self) -> None:
         bar = self._bar

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -17,6 +18,7 @@ import sys
 import tempfile
 import threading
 import time
+import wave
 
 import cv2
 import gradio_client  # the test extra brings it, with gradio and selenium
@@ -124,6 +126,9 @@ def bad_inputs(tmp_path_factory, examples):
     (folder / "broken.mp4").write_bytes(np.random.default_rng(0).bytes(4096))  # not a video
     frame = cv2.cvtColor(cv2.imread(examples["portrait"]), cv2.COLOR_BGR2RGB)[:288, :288]
     write_video(str(folder / "long.mp4"), [frame] * (12 * (MAX_SECONDS + 1)), fps=12)  # 11 s
+    with wave.open(str(folder / "long.wav"), "wb") as sound:  # 11 s of quiet noise
+        sound.setnchannels(1), sound.setsampwidth(2), sound.setframerate(16000)
+        sound.writeframes(np.random.default_rng(0).integers(-300, 300, 16000 * (MAX_SECONDS + 1), np.int16).tobytes())
     return folder
 
 
@@ -147,9 +152,11 @@ def test_the_request_has_the_cli_defaults():
 
 
 def test_a_cancelled_stage_stops_at_its_next_progress_point():
-    stages = Stages("test", enabled=False)
+    shown = []
+    stages = Stages("test", enabled=False, listener=lambda changed: shown.append(changed.status))
     with stages("denoise"):
         stages.advance(1, 10, "steps")
+        assert shown == ["denoise", "denoise 1/10 steps"]  # the listener (the page's progress) sees each change
         stages.cancel()
         with pytest.raises(Cancelled):
             stages.advance(2, 10, "steps")
@@ -217,11 +224,19 @@ def test_user_errors_come_back_as_the_cli_sentence(server, client, bad_inputs, e
     assert logged == {"error": expected, "user_error": True, "ok": False}
 
 
-def test_a_driving_video_over_the_limit_is_refused(server, client, bad_inputs, examples):
+@pytest.mark.parametrize("source", ["driving", "audio", "text"])
+def test_a_motion_source_over_the_limit_is_refused(server, client, bad_inputs, examples, source):
+    """--max-seconds holds for each kind of source, checked before the source's work (landmarks, recognition)."""
+    given = {"driving": gradio_client.handle_file(str(bad_inputs / "long.mp4")),
+             "audio": gradio_client.handle_file(str(bad_inputs / "long.wav")),
+             "text": "The quick brown fox jumps over the lazy dog, again and again, all afternoon long. " * 4}[source]
     with pytest.raises(gradio_client.exceptions.AppError) as raised:
-        client.predict(portrait=gradio_client.handle_file(examples["portrait"]),
-                       driving=gradio_client.handle_file(str(bad_inputs / "long.mp4")), api_name="/animate")
-    assert str(raised.value) == f"long.mp4 lasts 11.0 s; this server animates at most {MAX_SECONDS} s of motion"
+        client.predict(portrait=gradio_client.handle_file(examples["portrait"]), api_name="/animate",
+                       **{source: given})
+    what = {"driving": "long.mp4", "audio": "long.wav", "text": "the spoken text"}[source]
+    assert re.fullmatch(rf"{what} lasts (\d+\.\d) s; this server animates at most {MAX_SECONDS} s of motion",
+                        str(raised.value)), str(raised.value)
+    assert float(re.search(r"lasts (\S+) s", str(raised.value))[1]) > MAX_SECONDS
     assert server.next_request()["user_error"]
 
 
@@ -332,17 +347,25 @@ def _page(driver, url: str, portrait: str, driving: str) -> None:
         box.send_keys(Keys.CONTROL, "a")  # one call holds CONTROL until its end: the value is typed apart
         box.send_keys(Keys.BACKSPACE, str(value), Keys.TAB)
     _wait(driver, "return document.querySelector('#driving video') !== null", 60)  # both uploads shown
+    driver.execute_script(PROGRESS_RECORDER)
     driver.find_element(By.ID, "generate").click()
 
 
-def _wait(driver, script: str, seconds: float, seen: list | None = None):
-    """Polls `script` in the page until it returns something truthy; `seen` collects the progress texts shown."""
+# Every progress text the page shows, recorded by the page itself as it changes (polling would miss a short stage).
+PROGRESS_RECORDER = """
+window.progressShown = new Set();
+new MutationObserver(() => {
+  document.querySelectorAll('.progress-text, .progress-level').forEach(e => window.progressShown.add(e.textContent));
+  document.querySelectorAll('[role=progressbar]')  // "denoise: 1 / 2 steps"
+    .forEach(e => window.progressShown.add(e.getAttribute('aria-valuetext') || ''));
+}).observe(document.body, {subtree: true, childList: true, characterData: true, attributes: true});
+"""
+
+
+def _wait(driver, script: str, seconds: float):
+    """Polls `script` in the page until it returns something truthy."""
     started = time.monotonic()
     while time.monotonic() - started < seconds:
-        if seen is not None:
-            seen.append(driver.execute_script(
-                "return Array.from(document.querySelectorAll('.progress-text, .progress-level'))"
-                ".map(e => e.textContent).join(' ')"))
         found = driver.execute_script(script)
         if found:
             return found
@@ -372,10 +395,12 @@ def test_browser_shows_an_error_then_animates_the_example(server, browser, bad_i
     assert server.next_request()["user_error"]
 
     _page(browser, server.url, examples["portrait"], examples["driving"])  # a fresh page: a new session
-    seen: list[str] = []
-    source = _wait(browser, VIDEO_SOURCE, RUN_SECONDS, seen)
+    source = _wait(browser, VIDEO_SOURCE, RUN_SECONDS)
     assert source.startswith(server.url) and source.endswith("animated.mp4"), source
-    assert any("denoise" in text for text in seen) and any("decode" in text for text in seen), set(seen)
+    seen = browser.execute_script("return Array.from(window.progressShown)")
+    for shown in ["landmarks", "conditions", "decode"] + [rf"denoise\W+{step}\s*/\s*{STEPS} steps"
+                                                        for step in range(1, STEPS + 1)]:  # each stage, each step
+        assert any(re.search(shown, text) for text in seen), (shown, seen)
     logged = server.next_request()
     assert logged["ok"] and (logged["frames"], logged["steps"]) == (FRAMES, STEPS), logged  # the settings typed in
     _wait(browser, "return Array.from(document.querySelectorAll('#animated video, #preview video, #control video'))"

@@ -1,12 +1,13 @@
 """The web app: a page and an API (`/animate`) over `sampling.animate.run_animate`, the function `a1-jax animate` runs.
 
 * One Animator per process, built at start; one generation at a time (Gradio's queue shows the others their place;
-  a lock makes it so whatever the queue does). Progress per stage and step is polled from the run's `Stages`; the
+  a lock makes it so whatever the queue does). Progress per stage and step comes from the run's `Stages`; the
   cancel button (or a client's `job.cancel()`) stops the run at its next frame, step or decoder chunk.
 * Every file of a request lives in its session's private folder under the server's root (mode 0700, also Gradio's
-  upload cache): the uploads are copied in, the outputs written there, and the folder is deleted when the session
-  ends (the page is closed, or an hour without a request: API clients never say goodbye); the root goes at exit.
-  Inputs are uploads only: Gradio refuses a client-sent path outside its upload cache, and no input names a path.
+  upload cache): the uploads are copied in, the outputs written there, and the folder (with the uploads its
+  requests used) is deleted when the session ends (the page is closed, or an hour without a request: API clients
+  never say goodbye); the root goes at exit. Inputs are uploads only, handed to the library untouched: Gradio
+  refuses a client-sent path outside its upload cache, and no input names a path.
 * A user's mistake comes back as the sentence the CLI prints (`UserError`), with the server's folders taken out.
 """
 
@@ -31,7 +32,6 @@ from a1_jax.progress import Stages
 from a1_jax.sampling.preflight import AnimateRequest
 
 SESSION_IDLE_SECONDS = 3600.0
-PROGRESS_SECONDS = 0.5  # how often the page's progress is refreshed from the run
 API_NAME = "animate"
 VIDEO_HEIGHT = 280  # pixels: the page's inputs and outputs fit one screen
 DEFAULT = AnimateRequest(out="")  # the CLI's defaults
@@ -216,15 +216,24 @@ def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa:
     # The API's defaults are the widgets' values (the CLI's), or None where a `None` default says so.
     async def animate(portrait, driving=None, audio=None, text=None, steps=None, guidance=None, seed=None, fps=None,
                       single_clip=None, max_frames=None, request: gr.Request = None, progress=gr.Progress()):
-        stages = Stages("animate", enabled=False)
-        work = asyncio.get_running_loop().run_in_executor(
+        # The run's stages change in its threads (a step is the jitted loop's host callback); Gradio's progress
+        # belongs to this event's context, here in the event loop: each change wakes the loop, which shows it.
+        loop, changed = asyncio.get_running_loop(), asyncio.Event()
+        stages = Stages("animate", enabled=False, listener=lambda _: loop.call_soon_threadsafe(changed.set))
+        work = loop.run_in_executor(
             None, server.generate, request.session_hash, stages, portrait, driving, audio, text, steps, guidance,
             seed, fps, single_clip, max_frames)
+        change = None
         try:
             while not work.done():
-                await asyncio.wait({work}, timeout=PROGRESS_SECONDS)
+                change = asyncio.ensure_future(changed.wait())
+                await asyncio.wait({work, change}, return_when=asyncio.FIRST_COMPLETED)
+                change.cancel()
+                changed.clear()
                 _show_progress(progress, stages)
         except asyncio.CancelledError:  # the cancel button, a client's job.cancel(), or a closed page
+            if change is not None:
+                change.cancel()
             stages.cancel()
             await asyncio.wait({work})  # the run stops at its next step; the next request waits for that
             with contextlib.suppress(Exception):
