@@ -35,6 +35,7 @@ from a1_jax.sampling.preflight import AnimateRequest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 MAX_SECONDS = 10  # the server's --max-seconds: a longer driving video is refused
+MAX_UPLOAD_MB = 2  # the server's --max-upload-mb: the examples fit (under 0.4 MB)
 STEPS = 2  # every generation here: the compiled denoising loop is shared
 FRAMES = 12  # --max-frames of the generations: one second of the example clip
 START_SECONDS = 1200  # building the tiny networks, cold, on a loaded 2-core machine
@@ -56,7 +57,8 @@ class AppServer:
         self.stderr_path = tmp / "server.err"
         env = {**os.environ, "TMPDIR": str(self.tmp), "PYTHONPATH": str(REPO)}
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "a1_jax", "app", "--port", str(self.port), "--max-seconds", str(MAX_SECONDS)],
+            [sys.executable, "-m", "a1_jax", "app", "--port", str(self.port), "--max-seconds", str(MAX_SECONDS),
+             "--max-upload-mb", str(MAX_UPLOAD_MB)],
             cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=open(self.stderr_path, "w"), text=True)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -238,6 +240,18 @@ def test_a_motion_source_over_the_limit_is_refused(server, client, bad_inputs, e
                         str(raised.value)), str(raised.value)
     assert float(re.search(r"lasts (\S+) s", str(raised.value))[1]) > MAX_SECONDS
     assert server.next_request()["user_error"]
+
+
+def test_an_upload_over_the_limit_is_refused(server, tmp_path):
+    import httpx
+
+    def upload(megabytes: float) -> httpx.Response:
+        data = np.random.default_rng(0).bytes(int(megabytes * 1e6))
+        return httpx.post(f"{server.url}gradio_api/upload", files={"files": ("big.mp4", data)}, timeout=60)
+
+    assert upload(MAX_UPLOAD_MB * 0.9).status_code == 200
+    refused = upload(MAX_UPLOAD_MB * 1.1)
+    assert refused.status_code == 413, (refused.status_code, refused.text)
 
 
 def test_a_client_cannot_name_a_server_path(server):
