@@ -63,27 +63,26 @@ def _ours(animator, canvas, face, control, image_noise, noise, overlap=None):
     return animator.denoise(conditions, steps=STEPS, guidance=3.0, noise=noise, overlap=overlap)
 
 
-def _noises(animator, canvas, face, seed):
-    return reference.window_noises(animator, animator.encode_reference(canvas, face), np.random.default_rng(seed))
+def _noises(animator, seed):
+    return reference.window_noises(animator.configs, np.random.default_rng(seed))
 
 
 # ------------------------------------------------------------------------------------------------------- parity
 def test_pipeline_parity_ddim_dpm_bf16_and_the_written_frames(release, inputs, animator):
-    """Against the release pipeline on a real portrait: fp32 DDIM over the first window (= the single clip) and the
-    next one, blended, and the 47 frames the single-clip script writes; fp32 DPM; bf16 DDIM latents (bf16 frames:
-    `a1-jax parity pipeline`, too slow for the suite on XLA:CPU). Tolerances and reasons: `a1_jax.parity.pipeline`."""
+    """Against the release pipeline, on a real portrait: fp32 DDIM over the first window (= the single clip) and the
+    next one, blended, and the 47 frames the single-clip script writes; fp32 DPM; bf16 DDIM, latents and frames (on
+    the tiny geometry). Tolerances and their reasons: `a1_jax.parity.pipeline`."""
     folder, pipe = release
     canvas, face, controls = inputs
-    bf16 = Animator.from_pretrained(folder, dtype="bfloat16")
-    rows = reference.pipeline_rows(pipe, animator, bf16, canvas, face, controls, seed=1, bf16_frames=False)
+    rows = {**reference.fp32_rows(pipe, animator, canvas, face, controls, seed=1), **reference.bf16_rows(seed=1)}
     assert all(row["ok"] for row in rows.values()), rows
     assert rows["ddim fp32 window 0"]["tol"] == PARITY_TOLERANCE == 2e-5
-    assert rows["ddim fp32 window 0 frames"]["frames"] == 47
+    assert rows["ddim fp32 window 0 frames"]["frames"] == 47 and rows["ddim bf16 window 0 frames"]["frames"] == 7
     assert rows["ddim bf16 window 0"]["max_rel_err"] > 100 * PARITY_TOLERANCE  # bf16 really ran
     # Every window of one geometry runs the same executable (two windows, DDIM).
     assert animator.traces == 1
     # The blending is real: the second window without it is far from the blended one.
-    noises = _noises(animator, canvas, face, 1)
+    noises = _noises(animator, 1)
     _, tails = _ours(animator, canvas, face, controls[0], *noises)
     blended, _ = _ours(animator, canvas, face, controls[1], *noises, overlap=Overlap.after(tails))
     unblended, _ = _ours(animator, canvas, face, controls[1], *noises)
@@ -138,8 +137,8 @@ sys.exit(main(sys.argv[1:]))
 
 
 def test_bench_pipeline_tiny_gives_the_whole_table_without_mediapipe_grain_or_opencv(tmp_path):
-    """The accelerator benchmark's code on CPU (fp32, tiny geometry): the clip (ours twice, the torch loop once),
-    the DiT forward against diffusers, a train step; with mediapipe, grain and OpenCV unimportable."""
+    """The accelerator benchmark's code on CPU (fp32, tiny geometry: 9-frame windows): the clip (ours twice, the
+    torch loop once), the DiT forward against diffusers, a train step; mediapipe, grain and OpenCV unimportable."""
     from a1_jax.models import dit
 
     script = tmp_path / "blocked.py"
@@ -149,7 +148,7 @@ def test_bench_pipeline_tiny_gives_the_whole_table_without_mediapipe_grain_or_op
                          env={**os.environ, "PYTHONPATH": str(REPO)}, capture_output=True, text=True, timeout=1800)
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["ok"] and result["geometry"] == "tiny" and result["frames"] == 49
+    assert result["ok"] and result["geometry"] == "tiny" and result["frames"] == 9
     clip = result["clip"]
     for side in ("ours_first_call", "ours", "reference"):
         assert all(clip[side][f"{stage}_s"] > 0 for stage in ("conditions", "denoise", "decode")), clip
@@ -157,11 +156,11 @@ def test_bench_pipeline_tiny_gives_the_whole_table_without_mediapipe_grain_or_op
     assert clip["latents_max_rel_err"] <= PARITY_TOLERANCE and reference.frames_ok(clip["frames"])
     forward = result["dit_forward"]
     assert forward["jax_s"] > 0 and forward["torch_s"] > 0 and forward["max_rel_err"] <= 1e-5
-    assert forward["flops"] == dit.forward_flops(reference.SMALL_DIT, 2, 13, 12, 10, 16)
+    tiny = dataclasses.replace(reference.SMALL_DIT, sample_frames=9)  # 3 latent frames of 12x10
+    assert forward["flops"] == dit.forward_flops(tiny, 2, 3, 12, 10, 16)
     train = result["train_step"]
-    one_block = dataclasses.replace(reference.SMALL_DIT, num_layers=1)
     assert train["blocks"] == 1 and train["step_s"] > 0 and np.isfinite(train["loss"])
-    assert train["flops"] == 3 * dit.forward_flops(one_block, 2, 13, 12, 10, 16)
+    assert train["flops"] == 3 * dit.forward_flops(dataclasses.replace(tiny, num_layers=1), 2, 3, 12, 10, 16)
 
 
 def test_inference_memory_plans_each_stage_with_the_conv_cache_and_what_stays_resident():
@@ -209,7 +208,7 @@ def converted(release, tmp_path_factory):
 
 def test_convert_then_load_gives_the_same_latents(release, inputs, animator, converted):
     canvas, face, controls = inputs
-    noises = _noises(animator, canvas, face, 3)
+    noises = _noises(animator, 3)
     expected, _ = _ours(animator, canvas, face, controls[0], *noises)
     restored = Animator.from_pretrained(converted, dtype="float32")
     assert checkpoint.is_converted(converted) and not list(converted.rglob("*.safetensors"))
@@ -219,7 +218,7 @@ def test_convert_then_load_gives_the_same_latents(release, inputs, animator, con
 
 def test_sharded_restore_gives_the_single_device_latents(inputs, animator, converted):
     canvas, face, controls = inputs
-    noises = _noises(animator, canvas, face, 4)
+    noises = _noises(animator, 4)
     single, _ = _ours(animator, canvas, face, controls[0], *noises)
     sharded_animator = Animator.from_pretrained(converted, dtype="float32", mesh="fsdp_tensor")
     kernel = sharded_animator.params["transformer"]["blocks"]["attn"]["to_q"]["kernel"]

@@ -12,9 +12,9 @@
    (fp32 master weights, bf16 compute, full remat, AdamW, EMA) on random latents at the clip's geometry: compile
    seconds, seconds per step, MFU (3 forward passes of FLOPs a step: remat's recomputation is not counted).
 
-`--geometry full`: the release (`configs/5b`: 480×720, 13×60×90 latents, 729 face tokens). `--geometry tiny`: the
-small release of `parity.pipeline` (96×80 canvas, 2 DiT blocks), the same code, for CPU tests. Weights are random:
-with `--against`, the reference's (imported through our rule tables), else our own init.
+`--geometry full`: the release (`configs/5b`: 49 frames at 480×720, 13×60×90 latents, 729 face tokens). `--geometry
+tiny`: `parity.pipeline.tiny_configs` (the small release on 9-frame windows, untiled): the same code, for the CPU
+tests. Weights are random: with `--against`, the reference's (imported through our rule tables), else our own init.
 
 Needs jax, flax, optax, orbax, and with `--against` torch, diffusers and transformers; no mediapipe, no grain, no
 OpenCV (control frames are synthetic). BUILD_NOTES (issue 14) says how to run it on a lent GPU.
@@ -43,29 +43,28 @@ def _log(message: str) -> None:
 
 
 def bench_configs(geometry: str) -> Any:
-    """The ModelConfigs of `full` (the release) or `tiny` (parity's small release)."""
-    from a1_jax.diffusion import SchedulerConfig
+    """The ModelConfigs of `full` (the release) or `tiny` (`parity.pipeline.tiny_configs`)."""
     from a1_jax.weights import checkpoint
 
     if geometry == "full":
         return checkpoint.ModelConfigs.from_folder(checkpoint.model_config_folder("5b"))
-    configs = checkpoint.ModelConfigs(transformer=reference.SMALL_DIT, vae=reference.SMALL_VAE,
-                                      pose_guider=reference.SMALL_VAE, siglip=reference.SMALL_SIGLIP,
-                                      scheduler=SchedulerConfig.from_dict(reference.RELEASE_SCHEDULER))
-    configs.validate("the tiny bench geometry")
-    return configs
+    return reference.tiny_configs()
 
 
-def synthetic_inputs(configs: Any, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A random canvas, a random 512×512 face crop, and control frames of sparse coloured strokes on black."""
-    rng = np.random.default_rng(seed)
-    height, width = configs.canvas
-    frames = configs.clip_frames
-    canvas = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    strokes = rng.random((frames, height, width, 1)) < 0.05
-    control = np.where(strokes, rng.integers(0, 256, (frames, height, width, 3), dtype=np.uint8), 0).astype(np.uint8)
-    return canvas, face, control
+def our_animator(configs: Any, dtype: str, seed: int) -> Any:
+    """Our Animator on one device in `dtype` with our own random init (no reference to import from)."""
+    import jax
+    import jax.numpy as jnp
+
+    from a1_jax import parallel
+    from a1_jax.sampling import Animator
+    from a1_jax.weights import checkpoint
+
+    preset = parallel.load_preset("single")
+    mesh = parallel.make_mesh(preset, jax.devices()[:1])
+    networks = checkpoint.build_networks(configs, jnp.dtype(dtype))
+    params = checkpoint.init_params(networks, seed, checkpoint.param_shardings(networks, mesh, preset.rules))
+    return Animator(configs, networks, params, mesh=mesh, rules=preset.rules)
 
 
 class _Stages:
@@ -109,28 +108,6 @@ def reference_clip(pipe: Any, canvas: np.ndarray, face: np.ndarray, control: np.
     frames = stages("decode", lambda: reference.reference_frames(pipe, latents))
     stages.seconds["total_s"] = sum(stages.seconds.values())
     return stages.seconds, latents, frames
-
-
-def _animator(configs: Any, dtype: str, seed: int, pipe: Any | None) -> Any:
-    """Our Animator on one device with the reference's weights (imported through the rule tables) or our init."""
-    import jax
-    import jax.numpy as jnp
-
-    from a1_jax import parallel
-    from a1_jax.sampling import Animator
-    from a1_jax.weights import checkpoint
-
-    preset = parallel.load_preset("single")
-    mesh = parallel.make_mesh(preset, jax.devices()[:1])
-    networks = checkpoint.build_networks(configs, jnp.dtype(dtype))
-    shardings = checkpoint.param_shardings(networks, mesh, preset.rules)
-    if pipe is None:
-        params = checkpoint.init_params(networks, seed, shardings)
-    else:
-        states = pipe.states()
-        params = checkpoint.params_from_states(states, checkpoint.plan_states(states, networks, "the reference"),
-                                               networks, shardings)
-    return Animator(configs, networks, params, mesh=mesh, rules=preset.rules)
 
 
 def train_step(configs: Any, blocks: int, batch: int, repeats: int, seed: int, dtype: str) -> dict[str, Any]:
@@ -211,7 +188,8 @@ def bench(args: argparse.Namespace) -> dict:
 
     dtype = args.dtype or "bfloat16"
     configs = bench_configs(args.geometry)
-    canvas, face, control = synthetic_inputs(configs, args.seed)
+    canvas, face, (control,) = reference.random_inputs(configs, args.seed)
+    image_noise, noise = reference.window_noises(configs, np.random.default_rng(args.seed))
     result: dict[str, Any] = {"component": "pipeline", "geometry": args.geometry, "dtype": dtype,
                               "device": jax.devices()[0].device_kind, "steps": STEPS, "frames": configs.clip_frames,
                               "canvas": list(configs.canvas)}
@@ -220,23 +198,15 @@ def bench(args: argparse.Namespace) -> dict:
     if against:
         torch = import_reference("torch")
         _log(f"building the random reference on {device}")
-        pipe = reference.build_reference(seed=args.seed, transformer=configs.transformer, vae=configs.vae,
-                                         siglip=configs.siglip, device=device,
-                                         scheduler={"_class_name": "CogVideoXDDIMScheduler",
-                                                    **configs.scheduler.diffusers_kwargs()})
+        pipe = reference.reference_for(configs, args.seed, device)
     _log("placing our weights")
-    animator = _animator(configs, dtype, args.seed, pipe)
-    if pipe is not None:
+    if pipe is None:
+        animator = our_animator(configs, dtype, args.seed)
+    else:
+        animator = reference.animator_from_reference(pipe, configs, dtype)
         pipe = pipe.to(getattr(torch, dtype), copy_modules=False)
         if device == "cuda":
             torch.cuda.empty_cache()  # the fp32 weights' memory back to the device, for JAX
-    encoded_shape = (1, 1, *(n // configs.vae.spatial_compression for n in configs.canvas),
-                     configs.vae.latent_channels)
-    rng = np.random.default_rng(args.seed)
-    image_noise = rng.standard_normal(encoded_shape).astype(np.float32)
-    latent_frames = (configs.clip_frames - 1) // configs.transformer.temporal_compression_ratio + 1
-    noise = rng.standard_normal((1, latent_frames, configs.vae.latent_channels, *encoded_shape[2:4])).astype(
-        np.float32)
 
     _log("clip: first call (compiles)")
     cold, _, _ = our_clip(animator, canvas, face, control, image_noise, noise)

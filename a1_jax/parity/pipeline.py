@@ -184,6 +184,65 @@ def write_release(folder: str | os.PathLike, *, seed: int = 0, transformer: DiTC
     return pipe
 
 
+TINY_FRAMES = 9  # the tiny geometry's window: 3 latent frames
+
+
+def tiny_configs() -> Any:
+    """The small release on 9-frame windows, untiled: the CPU-sized geometry of `bench pipeline --geometry tiny` and
+    of the bf16 parity rows. Its VAE's sample size is twice the canvas, so one tile covers the canvas (tiles are half
+    the sample size) and XLA:CPU compiles one tile shape per chunk program instead of four; the tiled path is the
+    fp32 rows'."""
+    from a1_jax.diffusion import SchedulerConfig
+    from a1_jax.weights import checkpoint
+
+    vae = dataclasses.replace(SMALL_VAE, sample_height=2 * SMALL_VAE.sample_height,
+                              sample_width=2 * SMALL_VAE.sample_width)
+    configs = checkpoint.ModelConfigs(transformer=dataclasses.replace(SMALL_DIT, sample_frames=TINY_FRAMES), vae=vae,
+                                      pose_guider=vae, siglip=SMALL_SIGLIP,
+                                      scheduler=SchedulerConfig.from_dict(RELEASE_SCHEDULER))
+    configs.validate("the tiny geometry")
+    return configs
+
+
+def reference_for(configs: Any, seed: int = 0, device: str = "cpu") -> TorchPipeline:
+    """`build_reference` for `configs` (a `ModelConfigs`), with its scheduler."""
+    return build_reference(seed=seed, transformer=configs.transformer, vae=configs.vae, siglip=configs.siglip,
+                           device=device, scheduler={"_class_name": "CogVideoXDDIMScheduler",
+                                                     **configs.scheduler.diffusers_kwargs()})
+
+
+def animator_from_reference(pipe: TorchPipeline, configs: Any, dtype: str) -> Any:
+    """Our Animator on one device in `dtype`, with the reference modules' weights read through our rule tables
+    (no folder written)."""
+    import jax
+    import jax.numpy as jnp
+
+    from a1_jax import parallel
+    from a1_jax.sampling import Animator
+    from a1_jax.weights import checkpoint
+
+    preset = parallel.load_preset("single")
+    mesh = parallel.make_mesh(preset, jax.devices()[:1])
+    networks = checkpoint.build_networks(configs, jnp.dtype(dtype))
+    states = pipe.states()
+    params = checkpoint.params_from_states(states, checkpoint.plan_states(states, networks, "the reference"),
+                                           networks, checkpoint.param_shardings(networks, mesh, preset.rules))
+    return Animator(configs, networks, params, mesh=mesh, rules=preset.rules)
+
+
+def random_inputs(configs: Any, seed: int, windows: int = 1) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """A random canvas, a random 512×512 face crop, and `windows` windows of control frames: sparse coloured strokes
+    on black, like the motion branch draws."""
+    rng = np.random.default_rng(seed)
+    (height, width), frames = configs.canvas, configs.clip_frames
+    canvas = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
+    controls = [np.where(rng.random((frames, height, width, 1)) < 0.05,
+                         rng.integers(0, 256, (frames, height, width, 3)), 0).astype(np.uint8)
+                for _ in range(windows)]
+    return canvas, face, controls
+
+
 def _pixels(frames: np.ndarray) -> Any:
     """uint8 `[T, H, W, 3]` -> torch `[1, 3, T, H, W]` in [-1, 1], as the pipeline's `VideoProcessor.preprocess`."""
     torch = import_reference("torch")
@@ -299,14 +358,14 @@ def reference_frames(pipe: TorchPipeline, latents: Any) -> np.ndarray:
     return np.stack([np.asarray(frame) for frame in frames])
 
 
-def window_noises(animator: Any, encoded: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A window's image-latent noise `[1, 1, h, w, C]` and initial latents `[1, F, C, h, w]`, standard normal."""
-    configs = animator.configs
-    latent_frames = (configs.transformer.sample_frames - 1) // configs.transformer.temporal_compression_ratio + 1
-    image_noise = rng.standard_normal(encoded.posterior.mean.shape).astype(np.float32)
-    noise = rng.standard_normal((1, latent_frames, configs.vae.latent_channels,
-                                 *encoded.posterior.mean.shape[2:4])).astype(np.float32)
-    return image_noise, noise
+def window_noises(configs: Any, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A window's image-latent noise `[1, 1, h, w, C]` (the reference posterior's shape) and initial latents
+    `[1, F, C, h, w]`, standard normal, for `configs` (a `ModelConfigs`)."""
+    s, channels = configs.vae.spatial_compression, configs.vae.latent_channels
+    h, w = configs.canvas[0] // s, configs.canvas[1] // s
+    latent_frames = (configs.clip_frames - 1) // configs.transformer.temporal_compression_ratio + 1
+    image_noise = rng.standard_normal((1, 1, h, w, channels)).astype(np.float32)
+    return image_noise, rng.standard_normal((1, latent_frames, channels, h, w)).astype(np.float32)
 
 
 def scheduler_noises(key: Any, steps: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -336,7 +395,7 @@ def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face
     encoded = animator.encode_reference(canvas, face)
     outputs, overlap, history = {}, None, None
     for k, control in enumerate(controls):
-        image_noise, noise = window_noises(animator, encoded, rng)
+        image_noise, noise = window_noises(animator.configs, rng)
         key = jax.random.key(seed + k)
         conditions = animator.conditions(encoded, control, image_noise=image_noise)
         ours, tails = animator.denoise(conditions, steps=steps, guidance=guidance, noise=noise, key=key,
@@ -374,46 +433,52 @@ def with_scheduler(pipe: TorchPipeline, animator: Any, kind: str) -> tuple[Torch
     return dataclasses.replace(pipe, scheduler=cls(**scheduler.diffusers_kwargs())), ours
 
 
-def pipeline_rows(pipe: TorchPipeline, animator: Any, animator_bf16: Any, canvas: np.ndarray, face: np.ndarray,
-                  controls: list[np.ndarray], seed: int, bf16_frames: bool = True) -> dict[str, dict[str, Any]]:
-    """Every pipeline parity row, each with its tolerance and verdict: fp32 DDIM over two windows (the second
-    blended) and the first window's written frames; fp32 DPM (one window); bf16 DDIM (one window, and with
-    `bf16_frames` its frames) against the reference in bf16, held to `BF16_FACTOR` times the reference's own bf16
-    error."""
-    torch = import_reference("torch")
+def _latent_row(ours: np.ndarray, ref: np.ndarray, tol: float, **extra: Any) -> dict[str, Any]:
+    row = errors({"x": (ours, ref)})["x"]
+    return {**row, **extra, "tol": tol, "ok": bool(row["max_rel_err"] <= tol)}
+
+
+def fp32_rows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face: np.ndarray, controls: list[np.ndarray],
+              seed: int) -> dict[str, dict[str, Any]]:
+    """fp32 parity rows, each with its tolerance and verdict: DDIM over two windows (the second blended), the 47
+    frames the single-clip script writes from the first, and DPM (one window)."""
     rows = {}
-
-    def latent_row(name: str, ours: np.ndarray, ref: np.ndarray, tol: float, **extra: Any) -> None:
-        row = errors({name: (ours, ref)})[name]
-        rows[name] = {**row, **extra, "tol": tol, "ok": bool(row["max_rel_err"] <= tol)}
-
-    def frame_row(name: str, ours: np.ndarray, ref: np.ndarray, **extra: Any) -> None:
-        row = frame_errors(ours, ref)
-        rows[name] = {**row, **extra, "frames": len(ours), "tol": FRAME_LEVELS, "tol_fraction": FRAME_FRACTION,
-                      "ok": frames_ok(row)}
-
-    fp32 = compare_windows(pipe, animator, canvas, face, controls, seed=seed, frames=True)
+    ddim = compare_windows(pipe, animator, canvas, face, controls, seed=seed, frames=True)
     for name in ("window 0", "window 1 (blended)"):
-        latent_row(f"ddim fp32 {name}", *fp32[name], PIPELINE_TOLERANCE)
-    frame_row("ddim fp32 window 0 frames", *fp32["window 0 frames"])
-
+        rows[f"ddim fp32 {name}"] = _latent_row(*ddim[name], PIPELINE_TOLERANCE)
+    frames = ddim["window 0 frames"]
+    row = frame_errors(*frames)
+    rows["ddim fp32 window 0 frames"] = {**row, "frames": len(frames[0]), "tol": FRAME_LEVELS,
+                                         "tol_fraction": FRAME_FRACTION, "ok": frames_ok(row)}
     dpm_pipe, dpm_animator = with_scheduler(pipe, animator, "dpm")
     dpm = compare_windows(dpm_pipe, dpm_animator, canvas, face, controls[:1], seed=seed)
-    latent_row("dpm fp32 window 0", *dpm["window 0"], PIPELINE_TOLERANCE)
+    rows["dpm fp32 window 0"] = _latent_row(*dpm["window 0"], PIPELINE_TOLERANCE)
+    return rows
 
-    bf16 = compare_windows(pipe.to(torch.bfloat16), animator_bf16, canvas, face, controls[:1], seed=seed,
-                           frames=bf16_frames)
-    yardstick = errors({"x": (bf16["window 0"][1], fp32["window 0"][1])})["x"]["max_rel_err"]
-    latent_row("ddim bf16 window 0", *bf16["window 0"], BF16_FACTOR * yardstick, reference_bf16_vs_fp32=yardstick)
-    latent_row("ddim bf16 window 0 vs reference fp32", bf16["window 0"][0], fp32["window 0"][1],
-               BF16_FACTOR * yardstick)
-    if not bf16_frames:
-        return rows
-    frame_yardstick = frame_errors(bf16["window 0 frames"][1], fp32["window 0 frames"][1])["max_abs_err"]
-    row = frame_errors(*bf16["window 0 frames"])
+
+def bf16_rows(seed: int) -> dict[str, dict[str, Any]]:
+    """bf16 parity rows on the tiny geometry: our pipeline in bf16 against the reference in bf16, latents and
+    written frames, each held to `BF16_FACTOR` times the bf16 reference's own distance from the fp32 reference."""
+    torch = import_reference("torch")
+    configs = tiny_configs()
+    canvas, face, controls = random_inputs(configs, seed)
+    pipe = reference_for(configs, seed)
+    animator = animator_from_reference(pipe, configs, "bfloat16")
+    ours = compare_windows(pipe.to(torch.bfloat16), animator, canvas, face, controls, seed=seed, frames=True)
+    (ours_latents, ref_latents), (ours_frames, ref_frames) = ours["window 0"], ours["window 0 frames"]
+    # The fp32 reference from the same inputs and noises (the first draws of the same generator).
+    image_noise, noise = window_noises(configs, np.random.default_rng(seed))
+    exact, _ = reference_window(pipe, canvas, controls[0], face, image_noise, noise)
+    exact_frames = reference_frames(pipe, exact)[SINGLE_CLIP_DROP:]
+    yardstick = errors({"x": (ref_latents, exact)})["x"]["max_rel_err"]
+    rows = {"ddim bf16 window 0": _latent_row(ours_latents, ref_latents, BF16_FACTOR * yardstick,
+                                              reference_bf16_vs_fp32=yardstick),
+            "ddim bf16 window 0 vs reference fp32": _latent_row(ours_latents, exact, BF16_FACTOR * yardstick)}
+    frame_yardstick = frame_errors(ref_frames, exact_frames)["max_abs_err"]
+    row = frame_errors(ours_frames, ref_frames)
     tol = BF16_FACTOR * max(frame_yardstick, FRAME_LEVELS)
-    rows["ddim bf16 window 0 frames"] = {**row, "reference_bf16_vs_fp32": frame_yardstick, "tol": tol,
-                                         "frames": len(bf16["window 0 frames"][0]), "ok": row["max_abs_err"] <= tol}
+    rows["ddim bf16 window 0 frames"] = {**row, "reference_bf16_vs_fp32": frame_yardstick, "frames": len(ours_frames),
+                                         "tol": tol, "ok": row["max_abs_err"] <= tol}
     return rows
 
 
@@ -426,27 +491,20 @@ def bench(args: Any) -> dict:
 
 def parity(args: Any) -> dict:
     """`a1-jax parity pipeline`: a random release folder written to a temporary folder, random inputs; fp32 DDIM
-    over two long-video windows (the second blended) and the frames the first one writes, fp32 DPM, and bf16 DDIM
-    (latents and frames), on CPU."""
+    over two long-video windows (the second blended) and the frames the first one writes, fp32 DPM; bf16 DDIM
+    (latents and frames) on the tiny geometry; on CPU."""
     import tempfile
 
     from a1_jax.parity import fp32_reference
     from a1_jax.sampling import Animator
 
-    rng = np.random.default_rng(args.seed)
-    height, width = SMALL_VAE.sample_height, SMALL_VAE.sample_width
-    canvas = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
-    face = rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)
-    controls = [np.where(rng.random((SMALL_DIT.sample_frames, height, width, 1)) < 0.05,
-                         rng.integers(0, 256, (SMALL_DIT.sample_frames, height, width, 3)), 0).astype(np.uint8)
-                for _ in range(2)]
     with tempfile.TemporaryDirectory() as folder, fp32_reference():
         pipe = write_release(folder, seed=args.seed)
         animator = Animator.from_pretrained(folder, dtype="float32")
-        animator_bf16 = Animator.from_pretrained(folder, dtype="bfloat16")
-        rows = pipeline_rows(pipe, animator, animator_bf16, canvas, face, controls, args.seed)
-    fp32_rows = [row for name, row in rows.items() if "fp32" in name and "frames" not in name]
+        canvas, face, controls = random_inputs(animator.configs, args.seed, windows=2)
+        rows = {**fp32_rows(pipe, animator, canvas, face, controls, args.seed), **bf16_rows(args.seed)}
+    fp32 = [row for name, row in rows.items() if "fp32" in name and "frames" not in name and "bf16" not in name]
     return {"component": "pipeline", "config": "random release folder", "input_shape": list(controls[0].shape),
-            "steps": 10, "max_abs_err": max(row["max_abs_err"] for row in fp32_rows),
-            "max_rel_err": max(row["max_rel_err"] for row in fp32_rows), "tol": PIPELINE_TOLERANCE,
+            "steps": 10, "max_abs_err": max(row["max_abs_err"] for row in fp32),
+            "max_rel_err": max(row["max_rel_err"] for row in fp32), "tol": PIPELINE_TOLERANCE,
             "outputs": rows, "ok": all(row["ok"] for row in rows.values())}
