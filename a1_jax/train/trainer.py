@@ -254,7 +254,7 @@ def setup(config: train_config.TrainConfig, data_dir: str, workdir: str, mesh_na
         base = init.base_model(source, mesh, rules)
     else:
         base = init.base_model(config, mesh, rules)
-        ckpt.save_checkpoint(model_dir, base.config_folder, base.params)
+        ckpt.save_checkpoint(model_dir, base.config_folder, base.params, sources=init.weight_sources(base, config))
     compute = jnp.dtype(config.compute.dtype)
     networks = _compute_networks(base.networks, compute)
     transformer_params = base.params.pop("transformer")

@@ -477,6 +477,34 @@ def load_params(folder: str | os.PathLike, networks: Networks, shardings: Any = 
     return _load_release(folder, networks, shardings)
 
 
+def random_source(seed: int) -> str:
+    """How `weight_sources` names seeded random weights (`is_random` recognises it)."""
+    return f"random (seed {seed})"
+
+
+def is_random(source: str) -> bool:
+    return source.startswith("random")
+
+
+def weight_sources(folder: str | os.PathLike) -> dict[str, str]:
+    """Where each network's weights in a checkpoint folder come from, as far as the folder says: a release's are
+    `"release <folder>"`; ours are what its marker recorded (a training run's base model records `random (seed N)`
+    for networks it initialised), else `"checkpoint <folder>"`; a workdir's transformer is `"trained (step N, ema)"`
+    once a step is saved."""
+    folder = os.fspath(folder)
+    if is_workdir(folder):
+        sources = weight_sources(os.path.join(folder, WORKDIR_MODEL))
+        found = trained_step(folder)
+        if found is not None:
+            sources["transformer"] = f"trained (step {found[0]}, {found[1]}) in {folder}"
+        return sources
+    if is_converted(folder):
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            recorded = json.load(f).get("sources", {})
+        return {name: recorded.get(name, f"checkpoint {folder}") for name in NETWORKS}
+    return {name: f"release {folder}" for name in NETWORKS}
+
+
 # --- A training workdir ---------------------------------------------------------------------------------------------
 
 
@@ -548,10 +576,12 @@ def _write_json(path: str, value: dict) -> None:
     os.replace(path + ".tmp", path)
 
 
-def _finish(out: str, origin: dict | None) -> None:
+def _finish(out: str, origin: dict | None, sources: Mapping[str, str] | None = None) -> None:
     """The marker, written last: only now is the folder a checkpoint. (Then a convert's own record goes.)"""
-    _write_json(os.path.join(out, MARKER), {"format": "a1_jax", "version": FORMAT_VERSION,
-                                            "networks": list(NETWORKS), "converted_from": origin})
+    marker = {"format": "a1_jax", "version": FORMAT_VERSION, "networks": list(NETWORKS), "converted_from": origin}
+    if sources:
+        marker["sources"] = dict(sources)
+    _write_json(os.path.join(out, MARKER), marker)
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(out, CONVERTING))
 
@@ -576,10 +606,12 @@ def prepare_output_folder(out: str) -> None:
         raise UserError(f"cannot write to {parent}")
 
 
-def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, params: Mapping[str, Any]) -> None:
+def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, params: Mapping[str, Any],
+                    sources: Mapping[str, str] | None = None) -> None:
     """Writes our checkpoint: the configs of `config_folder` and `params` (host or device arrays) in Orbax pieces.
     The marker file is written last, so a folder without it is an interrupted save, never mistaken for a checkpoint;
-    saving again over such a folder starts it afresh."""
+    saving again over such a folder starts it afresh. `sources`: where each network's weights came from
+    (`"random (seed 0)"`, a path), kept in the marker for `weight_sources`."""
     out = os.path.abspath(os.fspath(out))
     if is_converted(out):
         raise UserError(f"{out} is already a checkpoint")
@@ -590,7 +622,7 @@ def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, pa
     os.makedirs(out, exist_ok=True)
     _copy_configs(os.fspath(config_folder), out)
     _write_pieces(params_dir, pieces, lambda keys: {key: flat[key] for key in keys}, lambda piece: None)
-    _finish(out, None)
+    _finish(out, None, sources)
 
 
 def _prepare_convert(out: str, origin: dict) -> str:
