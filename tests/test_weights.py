@@ -223,3 +223,30 @@ def test_weights_that_cannot_fit_are_refused_in_one_line_before_reading(release,
     # In bfloat16 the same host fits them (SigLIP stays float32, so a little over half).
     bf16 = checkpoint.build_networks(configs, jnp.bfloat16)
     assert sum(checkpoint._bytes_per_device(bf16, None).values()) < need
+
+
+# ------------------------------------------------------------------------------ the release-folder writer (tools/)
+def test_the_release_folder_writer_makes_a_folder_that_loads(tmp_path):
+    """tools/write_release_folder.py (run at 5B for BUILD_NOTES' release-scale figures) at the tiny sizes, its
+    transformer split into shards with an index: every network loads from it, SigLIP's text tower and the pose
+    guider's decoder skipped, in the dtypes the release stores."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import write_release_folder
+    from flax.core import meta
+
+    out = tmp_path / "release"
+    summary = write_release_folder.main(["--out", str(out), "--config", "tiny", "--shard-bytes", "200000"])
+    index = json.loads((out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = {p.name for p in (out / "transformer").glob("*.safetensors")}
+    assert len(shards) > 1 and set(index["weight_map"].values()) == shards
+    assert summary["tensors"]["transformer"] == len(index["weight_map"])
+    assert (out / "model_index.json").is_file() and (out / "text_encoder" / "config.json").is_file()
+
+    networks = checkpoint.build_networks(checkpoint.ModelConfigs.from_folder(out), jnp.bfloat16)
+    params = checkpoint.load_params(out, networks)
+    expected = meta.unbox(checkpoint.abstract_params(networks))
+    for leaf, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected), strict=True):
+        assert leaf.shape == want.shape and leaf.dtype == want.dtype
+        assert np.isfinite(np.asarray(leaf, np.float32)).all()
+    assert params["siglip"]["patch_embedding"]["kernel"].dtype == jnp.float32
+    assert params["transformer"]["blocks"]["attn"]["to_q"]["kernel"].dtype == jnp.bfloat16
