@@ -2,7 +2,7 @@
 on abstract inputs (no weights are allocated, so the 5B model is planned on any machine). A device's own statistics
 measure it: `a1-jax bench pipeline` reports the runtime's peak (`memory_stats`).
 
-    python tools/inference_memory.py --config 5b --dtype bfloat16 --steps 10 [--topology v5p:1x1x1]
+    python tools/inference_memory.py --config 5b --dtype bfloat16 --steps 10 [--topology v5p:2x2x1]
 
 The programs are the ones `a1-jax animate` runs for one 49-frame window, compiled exactly as it calls them (the VAE
 and pose guider through their jitted chunk steps, the previous conv cache donated): SigLIP on the face crop; the VAE
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="5b", help="a release-layout config folder, or tiny / 5b")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--topology", help="compile for one chip of this TPU topology (e.g. v6e:1x1) with libtpu")
+    parser.add_argument("--topology", help="compile for the first chip of this TPU topology with libtpu (e.g. "
+                                           "v5p:2x2x1; libtpu 0.0.42 refuses a topology smaller than one host)")
     args = parser.parse_args(argv)
     configs = checkpoint.ModelConfigs.from_folder(checkpoint.model_config_folder(args.config))
     device = (topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[0] if args.topology
