@@ -58,6 +58,8 @@ def _component_call(kind: str) -> Callable[[argparse.Namespace], dict]:
     def call(args: argparse.Namespace) -> dict:
         if args.config is None and args.component not in BUILT_IN_CONFIG:
             raise UserError(f"{kind} {args.component} needs --config")
+        if kind == "bench" and args.dtype is None:
+            args.dtype = "bfloat16" if args.component == "pipeline" else "float32"
         module = importlib.import_module(f"a1_jax.parity.{args.component}")
         if not hasattr(module, kind):
             raise UserError(f"'{kind}' is not available for {args.component}")
@@ -123,10 +125,14 @@ def _interpolate(args: argparse.Namespace) -> dict:
 def _convert(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
-    from a1_jax.weights.checkpoint import NETWORKS, convert
+    from a1_jax.weights.checkpoint import convert
 
-    with tqdm(total=len(NETWORKS), desc="convert", unit="network", disable=None, leave=False) as bar:
-        summary = convert(args.source, args.to, progress=lambda name: bar.update())
+    with tqdm(desc="convert", unit="B", unit_scale=True, disable=None, leave=False) as bar:
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.update(done - bar.n)
+
+        summary = convert(args.source, args.to, progress=progress)
     return {"from": args.source, "to": args.to, **summary, "ok": True}
 
 
@@ -198,11 +204,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = _command(commands, "bench", "time our module against the PyTorch reference in one run",
                      "Median seconds per call of one component, ours and the reference's, on the same inputs; needs "
-                     "the test extra (torch).")
+                     "the test extra (torch). `bench pipeline`: the accelerator's whole table in one call (a clip, "
+                     "the DiT forward, a train step).")
     _add_model_args(bench)
-    bench.add_argument("--against", choices=("torch",), default="torch", help="the reference to time against")
+    bench.add_argument("--against", choices=("torch", "diffusers"),
+                       help="the reference to time against (vae, dit, siglip: always torch; pipeline: diffusers, "
+                            "only when given)")
     bench.add_argument("--repeats", type=POSITIVE, default=3, help="timed calls per side (median reported)")
-    bench.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+    bench.add_argument("--dtype", choices=("float32", "bfloat16"),
+                       help="default float32; pipeline: bfloat16")
+    bench.add_argument("--geometry", choices=("full", "tiny"), default="full",
+                       help="pipeline: the release's 480x720 / 5B, or the small release of the parity tests")
+    bench.add_argument("--blocks", type=POSITIVE, default=4, help="pipeline: DiT blocks of the timed train step")
     bench.set_defaults(run=_component_call("bench"))
 
     landmarks = _command(commands, "landmarks", "motion source -> control video for the pose guider",
@@ -341,14 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_interpolator_args(interpolate)
     interpolate.set_defaults(run=_interpolate)
 
-    conversion = _command(commands, "convert", "a SkyReels-A1 release folder -> one Orbax checkpoint",
+    conversion = _command(commands, "convert", "a SkyReels-A1 release folder -> our Orbax checkpoint",
                           "Reads the release's safetensors with NumPy (no torch), checks every tensor against the "
-                          "configs, and writes one checkpoint that `animate --checkpoint` restores straight into "
-                          "shards.")
+                          "configs, and writes a checkpoint that `animate --checkpoint` restores straight into "
+                          "shards. Streamed (one piece of the parameters in memory at a time); rerun the same command "
+                          "to resume an interrupted one.")
     conversion.add_argument("--from", dest="source", required=True,
                             help="release folder (transformer/, vae/, pose_guider/, siglip-so400m-patch14-384/, "
                                  "scheduler/)")
-    conversion.add_argument("--to", required=True, help="new folder for the checkpoint")
+    conversion.add_argument("--to", required=True, help="new folder for the checkpoint (or an interrupted convert's, "
+                                                        "to resume it)")
     conversion.set_defaults(run=_convert)
     return parser
 

@@ -1,6 +1,13 @@
-"""The rule-table importer and the NumPy safetensors reader, on small hand-made checkpoints."""
+"""The rule-table importer and the NumPy safetensors reader, on small hand-made checkpoints; our checkpoint's pieces,
+a convert killed with kill -9 and rerun, and loads refused before reading when the parameters cannot fit."""
 
 import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -9,8 +16,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
+from a1_jax.cli import main
 from a1_jax.errors import UserError
-from a1_jax.weights import CONV3D, LINEAR, Rule, import_params, open_checkpoint, plan_import
+from a1_jax.parity import pipeline as reference
+from a1_jax.weights import CONV3D, LINEAR, Rule, checkpoint, import_params, open_checkpoint, plan_import
+from a1_jax.weights.rules import read_leaf
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 RULES = [
     Rule(r"proj\.weight", "proj/kernel", LINEAR),
@@ -101,3 +113,140 @@ def test_checkpoint_errors_are_user_errors(tmp_path):
     (tmp_path / "bad.safetensors").write_bytes(b"\x05")
     with pytest.raises(UserError, match="not a readable safetensors"):
         open_checkpoint(tmp_path)
+
+
+def test_read_leaf_fills_a_stacked_leaf_layer_by_layer_in_the_asked_dtype():
+    state = _state(np.random.default_rng(2))
+    plan = plan_import({k: v.shape for k, v in state.items()}, RULES, TARGET)
+    leaf = read_leaf(plan, state, ("blocks", "fc", "kernel"), ml_dtypes.bfloat16)
+    expected = np.stack([state["blocks.0.fc.weight"].T, state["blocks.1.fc.weight"].T]).astype(ml_dtypes.bfloat16)
+    assert leaf.dtype == ml_dtypes.bfloat16 and leaf.flags.c_contiguous
+    np.testing.assert_array_equal(leaf, expected)
+
+
+def test_pieces_pack_each_network_largest_first_within_the_size():
+    mb = 2 ** 20
+    sizes = {("transformer", "a"): 700 * mb, ("transformer", "b"): 300 * mb, ("transformer", "c"): 200 * mb,
+             ("transformer", "d"): 100 * mb, ("vae", "x"): 1, ("siglip", "y"): 2}
+    pieces = checkpoint.plan_pieces(sizes, piece_bytes=512 * mb)
+    assert pieces == {"transformer-00": [("transformer", "a")],  # bigger than a piece: alone
+                      "transformer-01": [("transformer", "b"), ("transformer", "c")],
+                      "transformer-02": [("transformer", "d")],
+                      "vae-00": [("vae", "x")], "siglip-00": [("siglip", "y")]}
+    assert checkpoint.plan_pieces(dict(reversed(sizes.items())), piece_bytes=512 * mb) == pieces
+
+
+# --------------------------------------------------------------------------------- convert: streamed, resumable
+@pytest.fixture(scope="module")
+def release(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("release")
+    reference.write_release(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def release_params(release):
+    networks = checkpoint.build_networks(checkpoint.ModelConfigs.from_folder(release))
+    return networks, checkpoint.load_params(release, networks)
+
+
+def _assert_same_params(a, b):
+    for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+        assert x.dtype == y.dtype
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def resumed(release, tmp_path_factory):
+    """A convert killed with kill -9 after its first piece, plus the temporary folder a kill inside Orbax's write
+    leaves, then the same command again: `(output, what the kill left, the rerun's exit code)`."""
+    out = tmp_path_factory.mktemp("resumed") / "a1"
+    script = ("import os, signal\n"
+              "from a1_jax.weights import checkpoint\n"
+              "checkpoint.convert(os.environ['SOURCE'], os.environ['OUT'],\n"
+              "                   lambda done, total: os.kill(os.getpid(), signal.SIGKILL))\n")
+    env = {**os.environ, "SOURCE": str(release), "OUT": str(out), "PYTHONPATH": str(REPO)}
+    killed = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    left = {"pieces": sorted(p.name for p in (out / checkpoint.PARAMS).iterdir()),
+            "converted": checkpoint.is_converted(out), "record": (out / checkpoint.CONVERTING).is_file()}
+    half = out / checkpoint.PARAMS / "vae-00.orbax-checkpoint-tmp-1234567"  # what a kill inside Orbax leaves
+    half.mkdir()
+    (half / "d").write_bytes(b"partial")
+    return out, left, main(["convert", "--from", str(release), "--to", str(out)])
+
+
+def test_convert_killed_early_then_rerun_completes(release, release_params, resumed):
+    """The same command resumes (the finished piece is kept, the half-written one discarded), and the checkpoint
+    holds exactly the release's parameters."""
+    out, left, code = resumed
+    assert len(left["pieces"]) == 1 and not left["converted"] and left["record"]
+    assert code == 0 and checkpoint.is_converted(out) and not (out / checkpoint.CONVERTING).exists()
+    assert sorted(p.name for p in (out / checkpoint.PARAMS).iterdir()) == sorted(
+        ["transformer-00", "vae-00", "pose_guider-00", "siglip-00"])
+    networks, expected = release_params
+    _assert_same_params(checkpoint.load_params(out, networks), expected)
+
+    # A finished convert of the same release: rerunning it is a no-op, not a refusal.
+    summary = checkpoint.convert(release, out)
+    assert summary["resumed"] and summary["written_pieces"] == 0
+
+
+def test_convert_refuses_an_unfinished_convert_of_another_release(release, tmp_path):
+    out = tmp_path / "a1"
+    out.mkdir()
+    (out / checkpoint.CONVERTING).write_text(json.dumps({"source": "/elsewhere/release"}))
+    with pytest.raises(UserError, match="unfinished convert of /elsewhere/release"):
+        checkpoint.convert(release, out)
+
+
+def test_an_older_checkpoint_format_is_explained(release_params, resumed, tmp_path):
+    out = tmp_path / "a1"
+    shutil.copytree(resumed[0], out)
+    marker = json.loads((out / checkpoint.MARKER).read_text())
+    (out / checkpoint.MARKER).write_text(json.dumps({**marker, "version": 1}))
+    with pytest.raises(UserError, match="checkpoint format 1.*convert the release folder again"):
+        checkpoint.load_params(out, release_params[0])
+
+
+# -------------------------------------------------------------------------------------- refused before reading
+def test_weights_that_cannot_fit_are_refused_in_one_line_before_reading(release, monkeypatch):
+    configs = checkpoint.ModelConfigs.from_folder(release)
+    fp32 = checkpoint.build_networks(configs, jnp.float32)
+    need = sum(checkpoint._bytes_per_device(fp32, None).values())
+    monkeypatch.setattr(checkpoint, "available_host_bytes", lambda: need - 1)
+    monkeypatch.setattr(checkpoint, "read_leaf", lambda *a, **k: pytest.fail("read weights it cannot hold"))
+    with pytest.raises(UserError) as info:
+        checkpoint.load_params(release, fp32)
+    message = str(info.value)
+    assert "\n" not in message and "float32" in message and "--dtype bfloat16" in message
+    # In bfloat16 the same host fits them (SigLIP stays float32, so a little over half).
+    bf16 = checkpoint.build_networks(configs, jnp.bfloat16)
+    assert sum(checkpoint._bytes_per_device(bf16, None).values()) < need
+
+
+# ------------------------------------------------------------------------------ the release-folder writer (tools/)
+def test_the_release_folder_writer_makes_a_folder_that_loads(tmp_path):
+    """tools/write_release_folder.py (run at 5B for BUILD_NOTES' release-scale figures) at the tiny sizes, its
+    transformer split into shards with an index: every network loads from it, SigLIP's text tower and the pose
+    guider's decoder skipped, in the dtypes the release stores."""
+    sys.path.insert(0, str(REPO / "tools"))
+    import write_release_folder
+    from flax.core import meta
+
+    out = tmp_path / "release"
+    summary = write_release_folder.main(["--out", str(out), "--config", "tiny", "--shard-bytes", "200000"])
+    index = json.loads((out / "transformer" / "diffusion_pytorch_model.safetensors.index.json").read_text())
+    shards = {p.name for p in (out / "transformer").glob("*.safetensors")}
+    assert len(shards) > 1 and set(index["weight_map"].values()) == shards
+    assert summary["tensors"]["transformer"] == len(index["weight_map"])
+    assert (out / "model_index.json").is_file() and (out / "text_encoder" / "config.json").is_file()
+
+    networks = checkpoint.build_networks(checkpoint.ModelConfigs.from_folder(out), jnp.bfloat16)
+    params = checkpoint.load_params(out, networks)
+    expected = meta.unbox(checkpoint.abstract_params(networks))
+    for leaf, want in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected), strict=True):
+        assert leaf.shape == want.shape and leaf.dtype == want.dtype
+        assert np.isfinite(np.asarray(leaf, np.float32)).all()
+    assert params["siglip"]["patch_embedding"]["kernel"].dtype == jnp.float32
+    assert params["transformer"]["blocks"]["attn"]["to_q"]["kernel"].dtype == jnp.bfloat16

@@ -1,19 +1,27 @@
-"""Device memory of full-geometry inference, per stage, from the compiled programs' memory analysis on abstract
-inputs (no weights are allocated, so the 5B model is planned on any machine).
+"""Device memory of full-geometry inference, stage by stage: an estimate from the compiled programs' memory analysis
+on abstract inputs (no weights are allocated, so the 5B model is planned on any machine). A device's own statistics
+measure it: `a1-jax bench pipeline` reports the runtime's peak (`memory_stats`).
 
-    python tools/inference_memory.py --config configs/5b --dtype bfloat16 --steps 10 [--topology v6e:1x1]
+    python tools/inference_memory.py --config 5b --dtype bfloat16 --steps 10 [--topology v5p:2x2x1]
 
-Stages are the programs `a1-jax animate` runs: SigLIP on the face crop; the VAE encoder on one tile of the reference
-(tiled like `enable_tiling()`); the pose guider's encoder on the first (largest) frame chunk of the control video; the
-whole denoising loop (CFG batch 2, every step); the VAE decoder on one tile's first latent chunk. For each: the
-network's parameters, the other inputs and outputs, and the compiler's temporaries. `pipeline_peak_bytes` is every
-network's parameters resident at once plus the largest stage's working set.
+The programs are the ones `a1-jax animate` runs for one 49-frame window, compiled exactly as it calls them (the VAE
+and pose guider through their jitted chunk steps, the previous conv cache donated): SigLIP on the face crop; the VAE
+encoder on one tile of the reference; the pose guider's first frame chunk and its steady-state chunk, which also
+takes and returns the causal convolutions' cache; the whole denoising loop (CFG batch 2, every step); the VAE
+decoder's first and steady-state chunk of one tile. Each stage's peak is
 
-Figures are the plan of the compiler the programs are built for. XLA:CPU (the default here) assigns buffers with
-little reuse across a scanned layer stack, so its temporaries overstate an accelerator's. `--topology` compiles for
-one chip of a TPU topology ahead of time instead (needs `pip install libtpu`; no TPU is used): an accelerator
-compiler's memory plan, the closest to a 24 GB GPU card this machine can produce. No GPU compiler can run without a
-GPU.
+    every network's parameters (the Animator keeps all four on the device)
+  + what the pipeline holds on the device while the stage runs, outside its program (`held_bytes`: the control video
+    in float32 during the pose guider, every decoded tile during the decode until they are blended, ...)
+  + the program's own arguments other than parameters, its outputs not written into donated inputs, and its
+    temporaries,
+
+and the pipeline's peak is the largest of them. These are the compiler's plan, not a measurement.
+
+XLA:CPU (the default here) assigns buffers with little reuse across a scanned layer stack, so its temporaries
+overstate an accelerator's. `--topology` compiles for one chip of a TPU topology ahead of time instead (needs
+`pip install libtpu`; no TPU is used): an accelerator compiler's memory plan, the closest to a 24 GB GPU card this
+machine can produce. No GPU compiler can run without a GPU.
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import sys
 
 import jax
@@ -29,6 +38,7 @@ import numpy as np
 from flax.core import meta
 from jax.experimental import topologies
 
+from a1_jax import conditions as cond
 from a1_jax import diffusion
 from a1_jax.models import dit, vae
 from a1_jax.parallel import MESH_AXES, activate
@@ -43,26 +53,37 @@ def _struct(shape, dtype) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype))
 
 
-def stage_programs(configs: checkpoint.ModelConfigs, dtype: str, steps: int) -> dict:
-    """`{stage: (jitted function, abstract args, bytes of the params it reads)}` for one 49-frame window at the
-    config's size, and every network's parameter bytes."""
+def _bytes(tree) -> int:
+    return sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree_util.tree_leaves(tree))
+
+
+def _tile_sizes(size: int, tile: int, stride: int) -> list[int]:
+    """Sizes of the tiles `vae.tiled` cuts along one axis of `size`."""
+    return [min(tile, size - start) for start in range(0, size, stride)]
+
+
+def stage_programs(configs: checkpoint.ModelConfigs, dtype: str, steps: int) -> tuple[dict, dict]:
+    """`({stage: (jitted function, abstract args, parameter bytes among the args, bytes held outside it)},
+    {network: parameter bytes})` for one 49-frame window at the config's size."""
     networks = checkpoint.build_networks(configs, jnp.dtype(dtype))
     params = meta.unbox(checkpoint.abstract_params(networks))
     height, width = configs.canvas
     frames, latent_frames = configs.clip_frames, dit.sample_latent_frames(configs.transformer)
     v, s, t = configs.vae, configs.siglip, configs.transformer
     latent = (height // v.spatial_compression, width // v.spatial_compression)
-    tile = networks.vae.tile_sample
-    tile_latent = networks.vae.tile_latent
-    first_encode, _, _ = vae.chunk_sizes(frames, vae.ENCODE_CHUNK_FRAMES)
-    first_decode, _, _ = vae.chunk_sizes(latent_frames, vae.DECODE_CHUNK_FRAMES)
+    tile, tile_latent = networks.vae.tile_sample, networks.vae.tile_latent
+    first_encode, steady_encode, _ = vae.chunk_sizes(frames, vae.ENCODE_CHUNK_FRAMES)
+    first_decode, steady_decode, _ = vae.chunk_sizes(latent_frames, vae.DECODE_CHUNK_FRAMES)
+    itemsize = jnp.dtype(dtype).itemsize
 
-    def chunk(model, method):  # `p`: the encoder's or the decoder's params only, what the chunk reads
-        part = method.split("_")[0] + "r"
-        return jax.jit(lambda p, x: getattr(model.bind({"params": {part: p}}), method)(x, None)[0])
-
-    def size(tree) -> int:
-        return sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(tree))
+    encode = vae._chunk_step(networks.pose_guider, "encode_chunk")  # what `vae.encode` calls, donated cache and all
+    decode = vae._chunk_step(networks.vae, "decode_chunk")
+    # Each chunk program gets only the half of its VAE it reads (jit would drop the other half's arguments anyway).
+    encoder, decoder = {"encoder": params["vae"]["encoder"]}, {"decoder": params["vae"]["decoder"]}
+    control = _struct((1, first_encode, height, width, 3), jnp.float32)
+    _, encode_cache = jax.eval_shape(encode, params["pose_guider"], control, None)
+    tile_z = _struct((1, first_decode, *tile_latent, v.latent_channels), dtype)
+    _, decode_cache = jax.eval_shape(decode, decoder, tile_z, None)
 
     schedule = jax.eval_shape(lambda: diffusion.make_schedule(configs.scheduler, steps))
     latents = _struct((1, latent_frames, v.latent_channels, *latent), dtype)
@@ -70,25 +91,65 @@ def stage_programs(configs: checkpoint.ModelConfigs, dtype: str, steps: int) -> 
     overlap = loop.Overlap(latents=_struct((steps, 1, loop.overlap_latent_frames(), *latents.shape[2:]), dtype),
                            active=_struct((steps,), bool))
     denoise = jax.jit(functools.partial(loop.denoise, networks.transformer), static_argnames=("use_cfg",))
+
+    # Held on the device outside the stage's programs (the driver loops keep them between calls).
+    posterior = _struct((1, 1, *latent, 2 * v.latent_channels), dtype)
+    tokens = conditions.face
+    control_video = _struct((1, frames, height, width, 3), jnp.float32)  # `to_unit_range` of the whole window
+    pose_moments = _struct((1, latent_frames, *latent, 2 * v.latent_channels), dtype)  # the chunks' outputs so far
+    tiles = [(h * v.spatial_compression, w * v.spatial_compression)
+             for h in _tile_sizes(latent[0], tile_latent[0], vae.tile_plan(tile_latent, tile)["stride"][0])
+             for w in _tile_sizes(latent[1], tile_latent[1], vae.tile_plan(tile_latent, tile)["stride"][1])]
+    decoded_tiles = sum(frames * h * w * 3 * itemsize for h, w in tiles)  # all tiles wait to be blended
+    window = (latents, conditions, overlap)  # the loop's result, conditions and the next window's overlap
     return {
-        "siglip (face tokens)": (jax.jit(lambda p, x: networks.siglip.apply({"params": p}, x)),
-                                 (params["siglip"], _struct((1, s.image_size, s.image_size, 3), jnp.float32)),
-                                 size(params["siglip"])),
+        "siglip (face tokens)": (
+            cond._siglip_apply(networks.siglip),
+            (params["siglip"], _struct((1, s.image_size, s.image_size, 3), jnp.float32)),
+            _bytes(params["siglip"]), _bytes(posterior)),
         f"vae encode (reference, one {tile[0]}x{tile[1]} tile)": (
-            chunk(networks.vae, "encode_chunk"), (params["vae"]["encoder"], _struct((1, 1, *tile, 3), dtype)),
-            size(params["vae"]["encoder"])),
-        f"pose guider encode ({first_encode} of {frames} frames, {height}x{width})": (
-            chunk(networks.pose_guider, "encode_chunk"),
-            (params["pose_guider"]["encoder"], _struct((1, first_encode, height, width, 3), dtype)),
-            size(params["pose_guider"]["encoder"])),
+            vae._chunk_step(networks.vae, "encode_chunk"), (encoder, _struct((1, 1, *tile, 3), jnp.float32), None),
+            _bytes(encoder), _bytes(_struct((1, 1, height, width, 3), jnp.float32))),
+        f"pose guider encode, first chunk ({first_encode} of {frames} frames, {height}x{width})": (
+            encode, (params["pose_guider"], control, None),
+            _bytes(params["pose_guider"]), _bytes((posterior, tokens, control_video))),
+        f"pose guider encode, steady chunk ({steady_encode} frames + conv cache)": (
+            encode, (params["pose_guider"], _struct((1, steady_encode, height, width, 3), jnp.float32),
+                     encode_cache),
+            _bytes(params["pose_guider"]), _bytes((posterior, tokens, control_video, pose_moments))),
         f"denoise ({steps} steps, CFG batch 2, {t.num_layers} blocks)": (
             denoise, (params["transformer"], schedule, conditions, latents, _struct((), jnp.float32), overlap,
-                      jax.eval_shape(lambda: jax.random.key(0))), size(params["transformer"])),
-        f"vae decode ({first_decode} latents of one {tile_latent[0]}x{tile_latent[1]} tile)": (
-            chunk(networks.vae, "decode_chunk"),
-            (params["vae"]["decoder"], _struct((1, first_decode, *tile_latent, v.latent_channels), dtype)),
-            size(params["vae"]["decoder"])),
-    }, {name: size(tree) for name, tree in params.items()}
+                      jax.eval_shape(lambda: jax.random.key(0))),
+            _bytes(params["transformer"]), _bytes(tokens)),
+        f"vae decode, first chunk ({first_decode} latents of a {tile_latent[0]}x{tile_latent[1]} tile)": (
+            decode, (decoder, tile_z, None), _bytes(decoder), _bytes(window) + decoded_tiles),
+        f"vae decode, steady chunk ({steady_decode} latents + conv cache)": (
+            decode, (decoder, _struct((1, steady_decode, *tile_latent, v.latent_channels), dtype), decode_cache),
+            _bytes(decoder), _bytes(window) + decoded_tiles),
+    }, {name: _bytes(tree) for name, tree in params.items()}
+
+
+def plan_stages(configs: checkpoint.ModelConfigs, dtype: str, steps: int, device: jax.Device) -> dict:
+    """Every stage's memory as the compiler for `device` plans it, and the pipeline's peak (see the module doc)."""
+    programs, nbytes = stage_programs(configs, dtype, steps)
+    all_params = sum(nbytes.values())
+    mesh = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
+    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    rows = {}
+    for stage, (fn, stage_args, param_bytes, held_bytes) in programs.items():
+        print(f"compiling {stage} ...", file=sys.stderr, flush=True)
+        with activate(mesh, ()):  # the mesh's platform picks the attention kernel (splash on a TPU)
+            plan = step_plan(fn, *jax.tree_util.tree_map(place, stage_args))
+        working = plan.peak_bytes - param_bytes
+        rows[stage] = {"param_bytes": param_bytes, "other_argument_bytes": plan.argument_bytes - param_bytes,
+                       "output_bytes": plan.output_bytes, "alias_bytes": plan.alias_bytes,
+                       "temp_bytes": plan.temp_bytes, "held_bytes": held_bytes,
+                       "stage_peak_bytes": all_params + held_bytes + working}
+    return {"dtype": dtype, "steps": steps, "device": device.device_kind,
+            "kind": "estimate from compiled programs (not measured on a device)",
+            "params_bytes": nbytes, "all_params_bytes": all_params, "stages": rows,
+            "pipeline_peak_bytes": max(row["stage_peak_bytes"] for row in rows.values())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,30 +157,16 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--config", default="5b", help="a release-layout config folder, or tiny / 5b")
     parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
     parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--topology", help="compile for one chip of this TPU topology (e.g. v6e:1x1) with libtpu")
+    parser.add_argument("--topology", help="compile for the first chip of this TPU topology with libtpu (e.g. "
+                                           "v5p:2x2x1; libtpu 0.0.42 refuses a topology smaller than one host)")
     args = parser.parse_args(argv)
     configs = checkpoint.ModelConfigs.from_folder(checkpoint.model_config_folder(args.config))
-    programs, nbytes = stage_programs(configs, args.dtype, args.steps)
     device = (topologies.get_topology_desc(platform="tpu", topology_name=args.topology).devices[0] if args.topology
               else jax.devices()[0])
-    mesh = jax.sharding.Mesh(np.array([device]).reshape((1,) * len(MESH_AXES)), MESH_AXES)
-    place = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
-        mesh, jax.sharding.PartitionSpec()))
-    rows, working = {}, []
-    for stage, (fn, stage_args, param_bytes) in programs.items():
-        print(f"compiling {stage} ...", file=sys.stderr, flush=True)
-        with activate(mesh, ()):  # the mesh's platform picks the attention kernel (splash on a TPU)
-            plan = step_plan(fn, *jax.tree_util.tree_map(place, stage_args))
-        rows[stage] = {"param_bytes": param_bytes, "other_argument_bytes": plan.argument_bytes - param_bytes,
-                       "output_bytes": plan.output_bytes, "temp_bytes": plan.temp_bytes,
-                       "peak_bytes": plan.peak_bytes}
-        working.append(plan.peak_bytes - param_bytes)
-    summary = {"config": args.config, "dtype": args.dtype, "steps": args.steps, "device": device.device_kind,
-               "stages": rows, "all_params_bytes": sum(nbytes.values()),
-               "pipeline_peak_bytes": sum(nbytes.values()) + max(working), "ok": True}
-    for stage, row in rows.items():
-        print(f"{stage:70s} params {row['param_bytes'] / GB:7.2f} GB  temp {row['temp_bytes'] / GB:7.2f} GB  "
-              f"peak {row['peak_bytes'] / GB:7.2f} GB", file=sys.stderr)
+    summary = {"config": args.config, **plan_stages(configs, args.dtype, args.steps, device), "ok": True}
+    for stage, row in summary["stages"].items():
+        print(f"{stage:72s} temp {row['temp_bytes'] / GB:6.2f}  held {row['held_bytes'] / GB:5.2f}  "
+              f"stage peak {row['stage_peak_bytes'] / GB:6.2f} GB", file=sys.stderr)
     print(json.dumps(summary))
     return summary
 

@@ -41,17 +41,31 @@ def reference_kwargs(config: DiTConfig) -> dict[str, Any]:
     return {name: getattr(config, name) for name in known if hasattr(config, name)}
 
 
-def reference_rope(config: DiTConfig, frames: int, height: int, width: int, device: Any = None) -> Any:
-    """diffusers' RoPE cos/sin as `CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings` builds them."""
+def reference_rope(config: DiTConfig, frames: int, height: int, width: int, device: Any = None,
+                   base: tuple[int, int] | None = None) -> Any:
+    """diffusers' RoPE cos/sin as `CogVideoXImageToVideoPipeline._prepare_rotary_positional_embeddings` builds them:
+    the latent grid placed in a base grid of `base` (height, width) patches, by default the config's sample size."""
     if not config.use_rotary_positional_embeddings:
         return None
     embeddings = import_reference("diffusers.models.embeddings")
     pipeline = import_reference("diffusers.pipelines.cogvideo.pipeline_cogvideox_image2video")
     p = config.patch_size
     grid = (height // p, width // p)
-    crops = pipeline.get_resize_crop_region_for_grid(grid, config.sample_width // p, config.sample_height // p)
+    base_h, base_w = base or (config.sample_height // p, config.sample_width // p)
+    crops = pipeline.get_resize_crop_region_for_grid(grid, base_w, base_h)
     return embeddings.get_3d_rotary_pos_embed(embed_dim=config.attention_head_dim, crops_coords=crops, grid_size=grid,
                                               temporal_size=frames, device=device)
+
+
+RELEASE_CANVAS = (480, 720)  # pixels: the SkyReels-A1 pipelines' hard-coded RoPE base
+
+
+def skyreels_rope(config: DiTConfig, frames: int, height: int, width: int, spatial_compression: int) -> Any:
+    """The SkyReels-A1 pipelines' RoPE: the same construction on a base grid of the hard-coded 480×720 canvas
+    (`720 // (vae_scale_factor_spatial * patch_size)`), whatever the config's sample size. Equal to
+    `reference_rope` at the release geometry only (a1_jax follows the config: BUILD_NOTES, RoPE base grid)."""
+    step = spatial_compression * config.patch_size
+    return reference_rope(config, frames, height, width, base=(RELEASE_CANVAS[0] // step, RELEASE_CANVAS[1] // step))
 
 
 def build_reference(config: DiTConfig, seed: int, checkpoint: str | None = None,
@@ -132,9 +146,76 @@ def parity(args: argparse.Namespace) -> dict:
     return check(config, seed=args.seed, batch=args.batch or 2, checkpoint=args.checkpoint, name=args.config)
 
 
-def _peak_memory() -> dict[str, float]:
+def device_peak_bytes() -> float | None:
+    """The JAX runtime's own peak of device memory in use (its allocator statistics); None where it keeps none."""
     stats = jax.devices()[0].memory_stats() or {}
-    return {"jax_peak_bytes": float(stats["peak_bytes_in_use"])} if "peak_bytes_in_use" in stats else {}
+    return float(stats["peak_bytes_in_use"]) if "peak_bytes_in_use" in stats else None
+
+
+def peak_flops(dtype_name: str) -> float | None:
+    """The dense peak FLOP/s of this JAX device for `dtype_name`, for MFU; None for a device not in the table."""
+    kind = jax.devices()[0].device_kind
+    return next((v[dtype_name] for k, v in PEAK_FLOPS.items() if k in kind), None)
+
+
+def torch_device() -> str:
+    """Where the reference runs: the GPU when torch sees one. Both frameworks then share it, so JAX must not reserve
+    75 % of it up front (read when its backend starts, so call this first)."""
+    torch = import_reference("torch")
+    if not torch.cuda.is_available():
+        return "cpu"
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    return "cuda"
+
+
+def time_forwards(config: DiTConfig, ours_model: Any, params: Any, model: Any, pose_proj: Any,
+                  inputs: tuple[np.ndarray, ...], repeats: int, dtype_name: str) -> dict:
+    """Our jitted forward (compile, then the median of `repeats` calls) and, unless `model` is None, the reference's
+    on the same inputs, in `dtype_name`; under "outputs" `(ours, reference)` for a parity row (or ours alone)."""
+    forward = jax.jit(lambda p, *x: ours_model.apply({"params": p}, *x))
+    jax_inputs = tuple(jnp.asarray(x) for x in inputs)
+    start = time.perf_counter()
+    compiled = forward.lower(params, *jax_inputs).compile()
+    compile_s = time.perf_counter() - start
+    run_jax = lambda: compiled(params, *jax_inputs)
+    ours = np.asarray(jax.block_until_ready(run_jax()), np.float32)  # warm-up
+    jax_s = time_call(run_jax, repeats, jax.block_until_ready)
+    del compiled, run_jax
+    _, frames, _, height, width = inputs[0].shape
+    flops = dit.forward_flops(config, inputs[0].shape[0], frames, height, width, inputs[1].shape[1])
+    result = {"jax_s": jax_s, "compile_s": compile_s, "flops": flops, "jax_tflops_per_s": flops / jax_s / 1e12,
+              "outputs": ours}
+    peak = peak_flops(dtype_name)
+    if peak is not None:
+        result.update(peak_flops=peak, jax_mfu=flops / jax_s / peak)
+    if model is None:
+        return result
+
+    torch = import_reference("torch")
+    device = str(next(model.parameters()).device)
+    torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
+    torch_inputs = [torch.from_numpy(inputs[0]).to(device, torch_dtype),
+                    torch.from_numpy(inputs[1]).to(device, torch_dtype), torch.from_numpy(inputs[2]).to(device)]
+    sync = (lambda out: torch.cuda.synchronize()) if device.startswith("cuda") else (lambda out: out)
+    # RoPE tables are built once per video by the pipeline (ours are compile-time constants): not timed.
+    rope = reference_rope(config, frames, height, width, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    with torch.inference_mode():
+        run_torch = lambda: reference_forward(model, pose_proj, *torch_inputs, rope)
+        ref = to_numpy(run_torch())  # warm-up
+        torch_s = time_call(run_torch, repeats, sync)
+    result.update(torch_s=torch_s, speedup=torch_s / jax_s, torch_tflops_per_s=flops / torch_s / 1e12,
+                  outputs=(ours, ref))
+    if device.startswith("cuda"):
+        result["torch_peak_bytes"] = float(torch.cuda.max_memory_allocated())
+    if peak is not None:
+        result["torch_mfu"] = flops / torch_s / peak
+    return result
+
+
+BENCH_TOLERANCE = {"float32": 1e-5, "bfloat16": 5e-2}  # the timed outputs' sanity bound (not the parity gate)
 
 
 def bench(args: argparse.Namespace) -> dict:
@@ -143,10 +224,7 @@ def bench(args: argparse.Namespace) -> dict:
     config = DiTConfig.from_json(args.config)
     batch, dtype_name = args.batch or 2, args.dtype
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype_name]
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda":
-        # Both frameworks share the GPU in one run: JAX must not reserve 75 % of it up front (read at backend start).
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    device = torch_device()
     # fp32 runs at full matmul precision on both sides; bf16 runs at the backends' native bf16 precision.
     precision = fp32_reference() if dtype_name == "float32" else contextlib.nullcontext()
     with precision:
@@ -157,45 +235,13 @@ def bench(args: argparse.Namespace) -> dict:
         shapes = tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in inputs)
         ours_model, params = load_ours(config, state, shapes, dtype=jnp.dtype(dtype_name))
         del state
-
-        forward = jax.jit(lambda p, *x: ours_model.apply({"params": p}, *x))
-        jax_inputs = tuple(jnp.asarray(x) for x in inputs)
-        start = time.perf_counter()
-        compiled = forward.lower(params, *jax_inputs).compile()
-        compile_s = time.perf_counter() - start
-        run_jax = lambda: compiled(params, *jax_inputs)
-        ours = np.asarray(jax.block_until_ready(run_jax()), np.float32)  # warm-up
-        jax_s = time_call(run_jax, args.repeats, jax.block_until_ready)
-        memory = _peak_memory()
-        del params, compiled, run_jax
-
-        torch_inputs = [torch.from_numpy(inputs[0]).to(device, torch_dtype),
-                        torch.from_numpy(inputs[1]).to(device, torch_dtype), torch.from_numpy(inputs[2]).to(device)]
-        sync = (lambda out: torch.cuda.synchronize()) if device == "cuda" else (lambda out: out)
-        # RoPE tables are built once per video by the pipeline (ours are compile-time constants): not timed.
-        _, frames, _, height, width = inputs[0].shape
-        rope = reference_rope(config, frames, height, width, device=device)
-        if device == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats()
-        with torch.inference_mode():
-            run_torch = lambda: reference_forward(model, pose_proj, *torch_inputs, rope)
-            ref = to_numpy(run_torch())  # warm-up
-            torch_s = time_call(run_torch, args.repeats, sync)
-        if device == "cuda":
-            memory["torch_peak_bytes"] = float(torch.cuda.max_memory_allocated())
-
-    flops = dit.forward_flops(config, batch, frames, height, width, inputs[1].shape[1])
-    tol = 1e-5 if dtype_name == "float32" else 5e-2
-    parity_row = report("dit", args.config, inputs[0].shape, {"v_prediction": (ours, ref)}, tol=tol)
-    kind = jax.devices()[0].device_kind
-    peak = next((v[dtype_name] for k, v in PEAK_FLOPS.items() if k in kind), None)
+        timed = time_forwards(config, ours_model, params, model, pose_proj, inputs, args.repeats, dtype_name)
+    peak = device_peak_bytes()
+    tol = BENCH_TOLERANCE[dtype_name]
+    parity_row = report("dit", args.config, inputs[0].shape, {"v_prediction": timed.pop("outputs")}, tol=tol)
     result = {"component": "dit", "config": args.config, "input_shape": list(inputs[0].shape),
-              "face_tokens": int(inputs[1].shape[1]), "dtype": dtype_name, "device": kind,
-              "jax_s": jax_s, "torch_s": torch_s, "speedup": torch_s / jax_s, "compile_s": compile_s,
-              "flops": flops, "jax_tflops_per_s": flops / jax_s / 1e12, "torch_tflops_per_s": flops / torch_s / 1e12,
-              "max_rel_err": parity_row["max_rel_err"], "tol": tol, **memory}
-    if peak is not None:
-        result.update(peak_flops=peak, jax_mfu=flops / jax_s / peak, torch_mfu=flops / torch_s / peak)
+              "face_tokens": int(inputs[1].shape[1]), "dtype": dtype_name, "device": jax.devices()[0].device_kind,
+              **timed, **({"jax_peak_bytes": peak} if peak is not None else {}),
+              "max_rel_err": parity_row["max_rel_err"], "tol": tol}
     result["ok"] = parity_row["ok"]
     return result

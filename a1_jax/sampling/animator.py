@@ -27,7 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -39,15 +39,16 @@ from a1_jax.errors import UserError
 from a1_jax.interpolate import Interpolator
 from a1_jax.io.video import read_image
 from a1_jax.models import vae
-from a1_jax.motion import face_align
-from a1_jax.motion.draw import CANVAS_HEIGHT, CANVAS_WIDTH
-from a1_jax.motion.pipeline import MotionPlan, plan_driver, render_control
-from a1_jax.motion.reference import crop_and_resize
 from a1_jax.motion.track import MotionTrack
 from a1_jax.progress import Stages
 from a1_jax.sampling import denoise as loop
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
+
+# The motion branch (OpenCV, MediaPipe) is imported where it runs: the stages from `encode_reference` on need neither
+# (`a1-jax bench pipeline` runs them on a machine without either).
+if TYPE_CHECKING:
+    from a1_jax.motion.pipeline import MotionPlan
 
 SINGLE_CLIP_DROP = 2  # the reference's single-clip script drops the reference frame and the duplicated first frame
 
@@ -164,6 +165,8 @@ class Animator:
 
     def prepare_reference(self, image: np.ndarray | str, *, landmarker: str | None = None) -> Reference:
         """The canvas (the reference's crop-and-resize to the model's size) and the aligned 512×512 face crop."""
+        from a1_jax.motion.reference import crop_and_resize
+
         name, pixels = _image(image)
         return _aligned(crop_and_resize(pixels, *self.configs.canvas), name, landmarker)
 
@@ -223,11 +226,13 @@ class Animator:
     def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (tiled VAE decode, diffusers' postprocessing).
         `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
+        # In the reference's dtype and order (`1 / scaling_factor * latents`; `x * 0.5 + 0.5`, clamped, before the
+        # float cast): in bf16 each rounds, and a level of output can depend on it.
         with self._on_mesh():
-            z = cond.from_dit_layout(latents.astype(self.dtype) / self.configs.vae.scaling_factor)
+            z = cond.from_dit_layout((1 / self.configs.vae.scaling_factor) * latents.astype(self.dtype))
             video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=True,
                                progress=progress)
-        video = np.asarray(jnp.clip(video[0].astype(jnp.float32) / 2 + 0.5, 0, 1))
+        video = np.asarray(jnp.clip(video[0] * 0.5 + 0.5, 0, 1).astype(jnp.float32))
         return np.rint(video * 255).astype(np.uint8)
 
     def _on_step(self, index: Any) -> None:
@@ -292,6 +297,8 @@ class Animator:
     def _windows(self, reference: Reference, motion: MotionPlan, plan: WindowPlan, steps: int, guidance: float,
                  seed: int, stages: Stages) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Each window's decoded frames and control frames, both `[1 + window, H, W, 3]`."""
+        from a1_jax.motion.pipeline import render_control
+
         count = len(plan.starts)
         with stages("conditions"):
             encoded = self.encode_reference(reference.canvas, reference.face)
@@ -353,6 +360,9 @@ def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, drivin
 
     `missing_face`: `drop` the driving frames without a face (the reference's long-video script) or `fill` them from
     their neighbours. `progress`: a bar on the terminal, or `progress(done, total)` per driving frame."""
+    from a1_jax.motion.draw import CANVAS_HEIGHT, CANVAS_WIDTH
+    from a1_jax.motion.pipeline import plan_driver
+
     if configs.canvas != (CANVAS_HEIGHT, CANVAS_WIDTH):
         raise UserError(f"this checkpoint's transformer expects {configs.canvas[0]}x{configs.canvas[1]} frames; the "
                         f"motion branch draws {CANVAS_HEIGHT}x{CANVAS_WIDTH} control frames")
@@ -367,6 +377,8 @@ def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, drivin
 
 def _aligned(canvas: np.ndarray, name: str, landmarker: str | None) -> Reference:
     """The canvas with its aligned 512×512 face crop (the reference's 5-point similarity fit)."""
+    from a1_jax.motion import face_align
+
     return Reference(canvas=canvas, face=face_align.align_face(canvas, name, landmarker)[0])
 
 

@@ -71,6 +71,11 @@ def blend(latents: jax.Array, previous: jax.Array) -> jax.Array:
     return jnp.concatenate([latents[:, :1], mixed.astype(latents.dtype), latents[:, 1 + n:]], axis=1)
 
 
+def scheduler_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """The standard normal draw of step `index` for a scheduler that injects noise (DPM)."""
+    return jax.random.normal(jax.random.fold_in(key, index), shape, jnp.float32)
+
+
 def denoise(transformer: Any, params: Any, schedule: diffusion.Schedule, conditions: Conditions, noise: jax.Array,
             guidance: jax.Array, overlap: Overlap, key: jax.Array, *, use_cfg: bool = True,
             on_step: Callable[[Any], None] | None = None) -> tuple[jax.Array, jax.Array]:
@@ -98,8 +103,7 @@ def denoise(transformer: Any, params: Any, schedule: diffusion.Schedule, conditi
         v = transformer.apply({"params": params}, inputs, face, jnp.full((copies,), timestep)).astype(jnp.float32)
         if use_cfg:
             v = v[:1] + guidance.astype(jnp.float32) * (v[1:] - v[:1])
-        step_noise = (jax.random.normal(jax.random.fold_in(key, index), latents.shape, jnp.float32)
-                      if injects_noise else None)
+        step_noise = scheduler_noise(key, index, latents.shape) if injects_noise else None
         latents, state = diffusion.step(schedule, index, v, latents, state, noise=step_noise)
         latents = latents.astype(dtype)
         if on_step is not None:

@@ -152,17 +152,34 @@ def plan_import(source_shapes: Mapping[str, Sequence[int]], rules: Sequence[Rule
     return ImportPlan(sources=sources, skipped=sorted(skipped))
 
 
+def leaf_shape(plan: ImportPlan, shapes: Mapping[str, Sequence[int]], path: Path) -> tuple[int, ...]:
+    """The shape of the Flax leaf `path`, from the source shapes (nothing is read)."""
+    names, transform, stacked = plan.sources[path]
+    return ((len(names),) if stacked else ()) + tuple(transform.shape(tuple(shapes[names[0]])))
+
+
+def read_leaf(plan: ImportPlan, state: Mapping[str, Any], path: Path, dtype: Any = None) -> np.ndarray:
+    """One planned Flax leaf, read from `state` into a new array of `dtype` (default: the checkpoint's).
+
+    A stacked leaf is filled layer by layer, so reading it holds the leaf once, plus one layer's source tensor."""
+    names, transform, stacked = plan.sources[path]
+    first = transform(np.asarray(state[names[0]]))
+    leaf = np.empty(((len(names),) if stacked else ()) + first.shape, first.dtype if dtype is None else dtype)
+    if not stacked:
+        leaf[...] = first
+        return leaf
+    del first  # a memory-mapped view: dropping it unmaps the file's pages
+    for i, name in enumerate(names):
+        leaf[i] = transform(np.asarray(state[name]))
+    return leaf
+
+
 def apply_plan(plan: ImportPlan, state: Mapping[str, Any], dtype: Any = None) -> dict:
     """Reads the planned tensors from `state` (NumPy arrays or anything `np.asarray` takes) into a nested dict.
 
     `dtype`: cast every leaf to it (default: keep the checkpoint's dtype).
     """
-    flat = {}
-    for path, (names, transform, stacked) in plan.sources.items():
-        arrays = [transform(np.asarray(state[name])) for name in names]
-        leaf = np.stack(arrays) if stacked else arrays[0]
-        flat[path] = leaf.astype(dtype) if dtype is not None else np.ascontiguousarray(leaf)
-    return traverse_util.unflatten_dict(flat)
+    return traverse_util.unflatten_dict({path: read_leaf(plan, state, path, dtype) for path in plan.sources})
 
 
 def import_params(state: Mapping[str, Any], rules: Sequence[Rule], target: Any, *, skip: Sequence[str] = (),
