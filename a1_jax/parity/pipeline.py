@@ -190,7 +190,7 @@ def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face
     from a1_jax.sampling.denoise import Overlap
 
     rng = np.random.default_rng(seed)
-    encoded = animator.encode_reference(canvas, face)
+    encoded = animator.encode_reference(canvas, face, tiling=True)  # as the release's enable_tiling()
     outputs, overlap, history = {}, None, None
     for k, control in enumerate(controls):
         image_noise, noise = window_noises(animator, encoded, rng)
