@@ -69,6 +69,33 @@ def test_tiny_parity_tiled(tiny):
     assert _rel_errors({"mean": (tiled_mean, whole)})["mean"] > 1e-3
 
 
+def test_auto_tiling_tiles_where_the_memory_budget_needs_it(tiny, monkeypatch):
+    """"auto": the demo (tiny) VAE runs untiled at the 480x720 canvas, the 5B VAE tiles there like the release (one
+    bf16 or fp32 reference frame, the decoder's chunks); and on one input "auto" gives exactly the untiled numbers
+    within the budget and the tiled ones beyond it."""
+    demo = AutoencoderKLCogVideoX(VAEConfig.from_json(CONFIGS / "tiny" / "vae" / "config.json"))
+    assert vae.encode_tiles(demo, (1, 1, 480, 720, 3), "auto") is None
+    assert vae.decode_tiles(demo, (1, 13, 60, 90, 4), "auto") is None
+    assert vae.decode_tiles(demo, (1, 13, 60, 90, 4), True) == tile_plan(demo.tile_latent, demo.tile_sample)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        five_b = AutoencoderKLCogVideoX(VAEConfig.from_json(FIVE_B), dtype=dtype)
+        assert vae.encode_tiles(five_b, (1, 1, 480, 720, 3), "auto") == tile_plan(five_b.tile_sample,
+                                                                                   five_b.tile_latent)
+        assert vae.decode_tiles(five_b, (1, 13, 60, 90, 16), "auto") == tile_plan(five_b.tile_latent,
+                                                                                   five_b.tile_sample)
+    with pytest.raises(ValueError, match="tiling"):
+        vae.decode_tiles(demo, (1, 13, 60, 90, 4), "yes")
+
+    config, _, model, params = tiny  # the geometry and video of test_tiny_parity_tiled: its programs are compiled
+    height, width = vae_parity.default_size(config, tiling=True)
+    video = vae_parity.to_channels_last(vae_parity.random_video((1, 3, 9, height, width), seed=3))
+    means = {tiling: np.asarray(vae.encode(model, params, video, tiling).mean) for tiling in (False, True, "auto")}
+    np.testing.assert_array_equal(means["auto"], means[False])
+    assert np.abs(means[True] - means[False]).max() > 1e-3 * np.abs(means[False]).max()
+    monkeypatch.setattr(vae, "TILING_BUDGET_BYTES", 0)
+    np.testing.assert_array_equal(np.asarray(vae.encode(model, params, video, "auto").mean), means[True])
+
+
 def test_sample_and_mode(tiny):
     config, _, model, params = tiny
     video = jnp.asarray(vae_parity.random_video((1, 1, 32, 48, 3), seed=4))

@@ -84,6 +84,12 @@ def chunk_sizes(frames: int, chunk: int) -> tuple[int, int, int]:
     return first, chunk, batches - 1
 
 
+def decoded_frames(latent_frames: int, config: VAEConfig) -> int:
+    """Frames the decoder makes of `latent_frames` in one chunk (odd: frame 0 is not stretched in time)."""
+    ratio = 2 ** config.temporal_compress_level
+    return 1 + (latent_frames - 1) * ratio if latent_frames % 2 else latent_frames * ratio
+
+
 def chunk_activation_bytes(config: VAEConfig, frames: int, height: int, width: int, dtype: Dtype) -> int:
     """The largest activation of one untiled chunk of `frames` pixel frames at height x width (an upper bound: every
     level's width at that level's resolution, before time compression)."""
@@ -596,22 +602,30 @@ def _tiles(model: AutoencoderKLCogVideoX, tiling: bool | str, size: tuple[int, i
     return tile_plan(tile_in, tile_out)
 
 
+def encode_tiles(model: AutoencoderKLCogVideoX, shape: tuple[int, ...],
+                 tiling: bool | str) -> dict[str, tuple[int, int]] | None:
+    """The tiles `encode` runs a video of `shape` [B, T, H, W, C] in (a `tile_plan`), or None: untiled."""
+    return _tiles(model, tiling, shape[2:4], model.tile_sample, model.tile_latent,
+                  (chunk_sizes(shape[1], ENCODE_CHUNK_FRAMES)[0], *shape[2:4]))
+
+
+def decode_tiles(model: AutoencoderKLCogVideoX, shape: tuple[int, ...],
+                 tiling: bool | str) -> dict[str, tuple[int, int]] | None:
+    """The tiles `decode` runs latents of `shape` [B, T, h, w, C] in (a `tile_plan`), or None: untiled."""
+    s = model.config.spatial_compression
+    return _tiles(model, tiling, shape[2:4], model.tile_latent, model.tile_sample,
+                  (decoded_frames(chunk_sizes(shape[1], DECODE_CHUNK_FRAMES)[0], model.config),
+                   shape[2] * s, shape[3] * s))
+
+
 def encode(model: AutoencoderKLCogVideoX, params: Any, video: jax.Array, tiling: bool | str = False,
            progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
     """Posterior over latents `[B, 1 + (T-1)//4, H/8, W/8, 16]` of `video [B, T, H, W, C]` (5B geometry; T = 1 + 4k
     frames is the intended input); `tiling` as diffusers' `enable_tiling()` (True), none (False), or "auto" (only
     beyond the memory budget). Call it outside `jax.jit`: it runs one jitted call per frame chunk (and tile);
     `progress(done, total)` counts those calls."""
-    tiles = _tiles(model, tiling, video.shape[2:4], model.tile_sample, model.tile_latent,
-                   (chunk_sizes(video.shape[1], ENCODE_CHUNK_FRAMES)[0], *video.shape[2:4]))
-    return DiagonalGaussian.from_moments(_drive(model, "encode_chunk", params, video, ENCODE_CHUNK_FRAMES, tiles,
-                                                progress))
-
-
-def decoded_frames(latent_frames: int, config: VAEConfig) -> int:
-    """Frames the decoder makes of `latent_frames` in one chunk (odd: frame 0 is not stretched in time)."""
-    ratio = 2 ** config.temporal_compress_level
-    return 1 + (latent_frames - 1) * ratio if latent_frames % 2 else latent_frames * ratio
+    return DiagonalGaussian.from_moments(_drive(model, "encode_chunk", params, video, ENCODE_CHUNK_FRAMES,
+                                                encode_tiles(model, video.shape, tiling), progress))
 
 
 def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tiling: bool | str = False,
@@ -621,10 +635,7 @@ def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tilin
     its chunk calls."""
     if model.encoder_only:
         raise ValueError("this VAE was built with encoder_only=True and has no decoder")
-    s = model.config.spatial_compression
-    tiles = _tiles(model, tiling, latents.shape[2:4], model.tile_latent, model.tile_sample,
-                   (decoded_frames(chunk_sizes(latents.shape[1], DECODE_CHUNK_FRAMES)[0], model.config),
-                    latents.shape[2] * s, latents.shape[3] * s))
+    tiles = decode_tiles(model, latents.shape, tiling)
     return _drive(model, "decode_chunk", params, latents, DECODE_CHUNK_FRAMES, tiles, progress)
 
 

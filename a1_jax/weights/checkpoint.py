@@ -22,6 +22,7 @@ transformer config says: the release code hard-codes it (spec §2.1), and CogVid
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -175,6 +176,12 @@ def _init(module: Any, key: jax.Array, inputs: tuple[jax.ShapeDtypeStruct, ...])
 
 def abstract_params(networks: Networks) -> dict[str, Any]:
     """Boxed ShapeDtypeStruct trees (with logical axis names) of every network's params; no memory is touched."""
+    return dict(_abstract_params(networks))
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_params(networks: Networks) -> dict[str, Any]:
+    # Tracing every network takes seconds; loading a model asks for the shardings and then the values.
     inputs = _init_inputs(networks)
     return {name: jax.eval_shape(lambda name=name: _init(getattr(networks, name), jax.random.key(0), inputs[name]))
             for name in NETWORKS}
