@@ -244,6 +244,26 @@ def test_chunk_driver_compiles_two_chunk_shapes_whatever_the_length(tiny):
     assert short.shape == (1, 25, 24, 40, 3) and long.shape == (1, 41, 24, 40, 3)
 
 
+def test_steady_chunk_compiles_beside_the_first_into_the_same_cache_entry(tiny, tmp_path):
+    """The steady chunk's program compiles on another thread while the first chunk's compiles; the driver's own call
+    then finds it in the persistent cache: two programs written, not three (a second key would be a second compile)."""
+    config, _, model, params = tiny
+    cache_dir = jax.config.jax_compilation_cache_dir
+    assert cache_dir, "the tests run with a persistent compilation cache (conftest)"
+    programs = lambda: {p.name for p in pathlib.Path(cache_dir).iterdir() if p.name.startswith("jit__lambda")}
+    before, minimum = programs(), jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        latents = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 2, 3, 4)), jnp.float32)  # chunks 3, 2
+        step = vae._chunk_step(model, "decode_chunk")
+        video = vae.decode(model, params, latents)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
+    assert video.shape == (1, 17, 16, 24, 3)
+    assert (step, (1, 3, 2, 3, 4), (1, 2, 2, 3, 4), latents.dtype) in vae._COMPILED_BESIDE
+    assert len(programs() - before) == 2
+
+
 def test_5b_tile_geometry_is_the_reference_one():
     model = AutoencoderKLCogVideoX(VAEConfig.from_json(FIVE_B))
     assert (model.tile_sample, model.tile_latent) == ((240, 360), (30, 45))
