@@ -16,6 +16,6 @@ clock = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time)
 clock.perf_counter = time.process_time
 progress.time = clock
 
-from a1_jax.cli import main  # noqa: E402  (after the clock is swapped, though Stages reads it at call time anyway)
+from a1_jax.cli import main  # noqa: E402
 
 sys.exit(main(sys.argv[1:]))
