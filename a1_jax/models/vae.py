@@ -564,9 +564,12 @@ def _compile_beside(step: Callable, params: Any, first: jax.Array,
     if not jax.config.jax_compilation_cache_dir or key in _COMPILED_BESIDE:
         return None
     _COMPILED_BESIDE.add(key)
-    cache = jax.eval_shape(step, params, first, None)[1]
-    chunk = jax.ShapeDtypeStruct(steady.shape, steady.dtype)
-    return _COMPILER.submit(lambda: step.lower(params, chunk, cache).compile())
+    # Lowered here, with the shardings the call will see (the chunk's; the cache comes out placed like it): the
+    # caller's mesh and axis rules are thread-local, and any difference would make it a second program.
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steady.sharding)
+    cache = jax.tree.map(spec, jax.eval_shape(step, params, first, None)[1])
+    lowered = step.lower(params, spec(steady), cache)
+    return _COMPILER.submit(lowered.compile)
 
 
 def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
