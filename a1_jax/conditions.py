@@ -1,7 +1,8 @@
 """What the DiT is conditioned on, computed from pixels (spec §1.3, §3.2, §4.1, §5.3). Shared by sampling and training.
 
-* image latent: the reference canvas through the VAE (tiled, as `enable_tiling()`), a *sample* of its posterior times
-  the VAE's scaling factor, followed by zero latent frames;
+* image latent: the reference canvas through the VAE (tiled as `enable_tiling()` where the VAE needs it:
+  `vae.TILING_BUDGET_BYTES`), a *sample* of its posterior times the VAE's scaling factor, followed by zero latent
+  frames;
 * pose latents: the control video through the pose guider's encoder (no tiling), the posterior *mode* times the
   guider's scaling factor;
 * face tokens: SigLIP's `last_hidden_state` of the aligned face crop (fp32, cast to the compute dtype after).
@@ -38,10 +39,12 @@ def from_dit_layout(latents: jax.Array) -> jax.Array:
     return jnp.transpose(latents, (0, 1, 3, 4, 2))
 
 
-def reference_posterior(model: vae.AutoencoderKLCogVideoX, params: Any, canvas: np.ndarray) -> vae.DiagonalGaussian:
-    """The VAE posterior of reference canvases uint8 `[B, H, W, 3]` (one frame each), tiled like the release's VAE."""
+def reference_posterior(model: vae.AutoencoderKLCogVideoX, params: Any, canvas: np.ndarray,
+                        tiling: bool | str = "auto") -> vae.DiagonalGaussian:
+    """The VAE posterior of reference canvases uint8 `[B, H, W, 3]` (one frame each); `tiling` as `vae.encode` (the
+    5B VAE at the release canvas tiles like the release's; parity checks ask for tiling explicitly)."""
     frames = to_unit_range(canvas)[:, None]
-    return vae.encode(model, params, frames, tiling=True)
+    return vae.encode(model, params, frames, tiling=tiling)
 
 
 def image_latents(posterior: vae.DiagonalGaussian, noise: jax.Array, scaling_factor: float, frames: int,

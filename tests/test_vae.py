@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 from flax.core import meta
 
-from a1_jax import cli
+from a1_jax import cli, parallel
 from a1_jax.config import VAEConfig, read_json
 from a1_jax.errors import UserError
 from a1_jax.models import vae
@@ -67,6 +67,33 @@ def test_tiny_parity_tiled(tiny):
     whole = vae.encode(model, params, vae_parity.to_channels_last(video)).mean
     tiled_mean = vae_parity.to_channels_last(tiled["posterior_mean"][0])
     assert _rel_errors({"mean": (tiled_mean, whole)})["mean"] > 1e-3
+
+
+def test_auto_tiling_tiles_where_the_memory_budget_needs_it(tiny, monkeypatch):
+    """"auto": the demo (tiny) VAE runs untiled at the 480x720 canvas, the 5B VAE tiles there like the release (one
+    bf16 or fp32 reference frame, the decoder's chunks); and on one input "auto" gives exactly the untiled numbers
+    within the budget and the tiled ones beyond it."""
+    demo = AutoencoderKLCogVideoX(VAEConfig.from_json(CONFIGS / "tiny" / "vae" / "config.json"))
+    assert vae.encode_tiles(demo, (1, 1, 480, 720, 3), "auto") is None
+    assert vae.decode_tiles(demo, (1, 13, 60, 90, 4), "auto") is None
+    assert vae.decode_tiles(demo, (1, 13, 60, 90, 4), True) == tile_plan(demo.tile_latent, demo.tile_sample)
+    for dtype in (jnp.bfloat16, jnp.float32):
+        five_b = AutoencoderKLCogVideoX(VAEConfig.from_json(FIVE_B), dtype=dtype)
+        assert vae.encode_tiles(five_b, (1, 1, 480, 720, 3), "auto") == tile_plan(five_b.tile_sample,
+                                                                                   five_b.tile_latent)
+        assert vae.decode_tiles(five_b, (1, 13, 60, 90, 16), "auto") == tile_plan(five_b.tile_latent,
+                                                                                   five_b.tile_sample)
+    with pytest.raises(ValueError, match="tiling"):
+        vae.decode_tiles(demo, (1, 13, 60, 90, 4), "yes")
+
+    config, _, model, params = tiny  # the geometry and video of test_tiny_parity_tiled: its programs are compiled
+    height, width = vae_parity.default_size(config, tiling=True)
+    video = vae_parity.to_channels_last(vae_parity.random_video((1, 3, 9, height, width), seed=3))
+    means = {tiling: np.asarray(vae.encode(model, params, video, tiling).mean) for tiling in (False, True, "auto")}
+    np.testing.assert_array_equal(means["auto"], means[False])
+    assert np.abs(means[True] - means[False]).max() > 1e-3 * np.abs(means[False]).max()
+    monkeypatch.setattr(vae, "TILING_BUDGET_BYTES", 0)
+    np.testing.assert_array_equal(np.asarray(vae.encode(model, params, video, "auto").mean), means[True])
 
 
 def test_sample_and_mode(tiny):
@@ -215,6 +242,30 @@ def test_chunk_driver_compiles_two_chunk_shapes_whatever_the_length(tiny):
     long = vae.decode(model, params, latents(11))  # 3, 2, 2, 2, 2
     assert step._cache_size() == before + 2
     assert short.shape == (1, 25, 24, 40, 3) and long.shape == (1, 41, 24, 40, 3)
+
+
+def test_steady_chunk_compiles_beside_the_first_into_the_same_cache_entry(tiny, tmp_path):
+    """The steady chunk's program compiles on another thread while the first chunk's compiles; the driver's own call
+    then finds it in the persistent cache: two programs written, not three (a second key would be a second compile),
+    also under a mesh and its rules, which are thread-local."""
+    config, _, model, params = tiny
+    cache_dir = jax.config.jax_compilation_cache_dir
+    assert cache_dir, "the tests run with a persistent compilation cache (conftest)"
+    programs = lambda: {p.name for p in pathlib.Path(cache_dir).iterdir() if p.name.startswith("jit__lambda")}
+    before, minimum = programs(), jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    try:
+        latents = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 2, 3, 4)), jnp.float32)  # chunks 3, 2
+        step = vae._chunk_step(model, "decode_chunk")
+        mesh = parallel.make_mesh(parallel.load_preset("single"), jax.devices()[:1])  # as the Animator runs it
+        placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        with parallel.activate(mesh, ()):
+            video = vae.decode(model, placed, latents)
+    finally:
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
+    assert video.shape == (1, 17, 16, 24, 3)
+    assert (step, (1, 3, 2, 3, 4), (1, 2, 2, 3, 4), latents.dtype) in vae._COMPILED_BESIDE
+    assert len(programs() - before) == 2
 
 
 def test_5b_tile_geometry_is_the_reference_one():

@@ -250,3 +250,43 @@ def test_the_release_folder_writer_makes_a_folder_that_loads(tmp_path):
         assert np.isfinite(np.asarray(leaf, np.float32)).all()
     assert params["siglip"]["patch_embedding"]["kernel"].dtype == jnp.float32
     assert params["transformer"]["blocks"]["attn"]["to_q"]["kernel"].dtype == jnp.bfloat16
+
+
+def test_random_init_draws_each_parameter_as_its_module_would_seeded_by_path():
+    """`init_params` fills the networks on the host with NumPy (no compiled init): the modules' tree, shapes and
+    dtypes; zeros, ones and the DiT's sin-cos position start exactly as the modules make them; random leaves with
+    the modules' standard deviations (checked against flax's own init of SigLIP); the same seed, the same values."""
+    import dataclasses
+
+    from flax.core import meta
+
+    from a1_jax.models import dit
+    from a1_jax.parity.pipeline import SMALL_DIT
+    from a1_jax.weights import checkpoint
+
+    tiny = checkpoint.ModelConfigs.from_folder(checkpoint.model_config_folder("tiny"))
+    configs = dataclasses.replace(tiny, transformer=SMALL_DIT)  # learned positions, as the 5B
+    networks = checkpoint.build_networks(configs)
+    params, again, other = (checkpoint.init_params(networks, seed) for seed in (0, 0, 1))
+    abstract = meta.unbox(checkpoint.abstract_params(networks))
+    assert jax.tree.structure(params) == jax.tree.structure(abstract)
+    for value, shape in zip(jax.tree.leaves(params), jax.tree.leaves(abstract)):
+        assert value.shape == shape.shape and value.dtype == shape.dtype
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(again)))
+    kernels = [(a, b) for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(other))
+               if "kernel" in jax.tree_util.keystr(path)]
+    assert kernels and not any(np.array_equal(a, b) for a, b in kernels)
+    table = params["transformer"]["patch_embed"]["pos_embedding"]
+    np.testing.assert_array_equal(table, dit.learned_position_start(SMALL_DIT, table.shape[-1]).astype(np.float32))
+
+    siglip = networks.siglip
+    pixels = jnp.zeros((1, siglip.config.image_size, siglip.config.image_size, 3))
+    flax_init = jax.jit(lambda key: meta.unbox(siglip.init(key, pixels))["params"])(jax.random.key(0))
+    for (path, theirs), ours in zip(jax.tree_util.tree_flatten_with_path(flax_init)[0],
+                                    jax.tree.leaves(params["siglip"])):
+        theirs, ours = np.asarray(theirs), np.asarray(ours)
+        if np.ptp(theirs) == 0:  # zeros, ones
+            np.testing.assert_array_equal(ours, theirs, err_msg=jax.tree_util.keystr(path))
+        else:
+            assert abs(ours.std() / theirs.std() - 1) < 0.1, (jax.tree_util.keystr(path), ours.std(), theirs.std())
+            assert abs(ours.mean()) < 0.2 * ours.std()

@@ -289,9 +289,16 @@ class PatchEmbed(nn.Module):
 
     def _learned_init(self, key: jax.Array, shape: tuple[int, int], dtype: Dtype) -> jax.Array:
         del key
-        c, p = self.config, self.config.patch_size
-        table = video_sincos_table(c, sample_latent_frames(c), c.sample_height // p, c.sample_width // p)
-        return jnp.asarray(np.concatenate([np.zeros((c.max_text_seq_length, shape[1])), table]), dtype)
+        return jnp.asarray(learned_position_start(self.config, shape[1]), dtype)
+
+
+def learned_position_start(config: DiTConfig, width: int) -> np.ndarray:
+    """The learned position table's initial value `[face rows + video rows, width]`, as diffusers': zero face rows,
+    then the sin-cos table of the sample size."""
+    p = config.patch_size
+    table = video_sincos_table(config, sample_latent_frames(config), config.sample_height // p,
+                               config.sample_width // p)
+    return np.concatenate([np.zeros((config.max_text_seq_length, width)), table])
 
 
 class DiT(nn.Module):

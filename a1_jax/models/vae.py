@@ -14,12 +14,18 @@ Numerics follow diffusers' `AutoencoderKLCogVideoX` (installed 0.42.1; identical
   call each, so peak memory is one chunk's whatever the video length and only two chunk shapes (first, steady) are
   ever compiled.
 * Optional spatial tiling (`tiling=True`) reproduces `enable_tiling()`: overlapping tiles, one at a time, each with
-  its own frame chunking, blended with linear ramps against already-blended neighbours, then cropped.
+  its own frame chunking, blended with linear ramps against already-blended neighbours, then cropped. Tiling changes
+  the numbers (GroupNorm statistics are per tile), and the release tiles. `tiling="auto"` tiles only when one
+  untiled frame chunk would exceed `TILING_BUDGET_BYTES` per activation: the 5B VAE at the release's 480x720 canvas
+  tiles as the release does (84 MiB for one bf16 frame), the tiny one runs untiled (a 9-frame decoder chunk is
+  47 MiB in fp32: a third less work than its 9 overlapping tiles, and one compiled program per chunk shape instead
+  of four). Parity checks pass `tiling=True` or `False` explicitly.
 * GroupNorm runs in fp32 whatever the compute `dtype`; parameters are created in `param_dtype`, used in `dtype`.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 from typing import Any, Callable
 
@@ -40,6 +46,7 @@ DECODE_CHUNK_FRAMES = 2  # diffusers num_latent_frames_batch_size
 TILE_OVERLAP_HEIGHT = 1 / 6  # diffusers tile_overlap_factor_height
 TILE_OVERLAP_WIDTH = 1 / 5  # diffusers tile_overlap_factor_width
 LOGVAR_RANGE = (-30.0, 20.0)
+TILING_BUDGET_BYTES = 64 * 2 ** 20  # tiling="auto": the largest activation one untiled frame chunk may have
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -76,6 +83,20 @@ def chunk_sizes(frames: int, chunk: int) -> tuple[int, int, int]:
         return frames, chunk, 0
     first = chunk + frames % chunk
     return first, chunk, batches - 1
+
+
+def decoded_frames(latent_frames: int, config: VAEConfig) -> int:
+    """Frames the decoder makes of `latent_frames` in one chunk (odd: frame 0 is not stretched in time)."""
+    ratio = 2 ** config.temporal_compress_level
+    return 1 + (latent_frames - 1) * ratio if latent_frames % 2 else latent_frames * ratio
+
+
+def chunk_activation_bytes(config: VAEConfig, frames: int, height: int, width: int, dtype: Dtype) -> int:
+    """The largest activation of one untiled chunk of `frames` pixel frames at height x width (an upper bound: every
+    level's width at that level's resolution, before time compression)."""
+    widest = max(channels * frames * -(-height // 2 ** i) * -(-width // 2 ** i)
+                 for i, channels in enumerate(config.block_out_channels))
+    return widest * jnp.dtype(dtype).itemsize
 
 
 def _blend_weights(extent: int, axis: int) -> jax.Array:
@@ -133,20 +154,32 @@ def tiled(fn: Callable[[jax.Array], jax.Array], x: jax.Array, tile: tuple[int, i
 # Small modules
 
 
-def _conv3d_as_2d(x: jax.Array, kernel: jax.Array, strides: tuple[int, ...],
-                  padding: tuple[tuple[int, int], ...]) -> jax.Array:
-    """A time-valid 3D conv as the sum over time taps of per-frame 2D convs.
+def _causal_conv3d_as_2d(x: jax.Array, past: jax.Array | None, kernel: jax.Array, strides: tuple[int, ...],
+                         padding: tuple[tuple[int, int], ...]) -> jax.Array:
+    """A 3D conv over [past | x] (time-valid, so the output has x's frames) as per-frame 2D convs; `past` None means
+    k-1 copies of x's first frame.
 
-    Same result as the 3D conv; XLA's CPU backend runs 2D convolutions 1.5-2.5x faster than 3D ones (measured on
-    the 5B VAE's 128-wide layers), so CPU uses this form.
-    """
-    taps, frames = kernel.shape[0], x.shape[1] - kernel.shape[0] + 1
+    Same result as the 3D conv. XLA's CPU backend runs 2D convolutions 1.5-2.5x faster than 3D ones (measured on the
+    5B VAE's 128-wide layers), so CPU uses this form. Every frame is convolved once with all k time taps side by side
+    (one conv with k x the output channels) and the taps are summed on the outputs, shifted in time: no input frame
+    is copied (slicing [past | x] per tap copied the input k + 1 times, a fifth of the tiny decoder's time)."""
+    taps, cin, cout = kernel.shape[0], kernel.shape[-2], kernel.shape[-1]
+    wide = jnp.moveaxis(kernel, 0, -2).reshape(*kernel.shape[1:-2], cin, taps * cout)  # tap t -> channels t*cout...
+
+    def conv(frames: jax.Array) -> jax.Array:  # [B, n, H, W, cin] -> [B, n, H', W', taps, cout]
+        y = jax.lax.conv_general_dilated(frames.reshape(-1, *frames.shape[2:]), wide, strides, padding,
+                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return y.reshape(*frames.shape[:2], *y.shape[1:3], taps, cout)
+
+    z = conv(x)
+    before = jnp.repeat(z[:, :1], taps - 1, axis=1) if past is None else conv(past.astype(x.dtype))
+    z = jnp.concatenate([before, z], axis=1)
+    frames = x.shape[1]
     out = None
-    for t in range(taps):
-        piece = x[:, t:t + frames].reshape(-1, *x.shape[2:])
-        y = jax.lax.conv_general_dilated(piece, kernel[t], strides, padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    for t in range(taps):  # output frame f = sum over taps t of tap t applied to input frame f + t of [past | x]
+        y = z[:, t:t + frames, :, :, t]
         out = y if out is None else out + y
-    return out.reshape(x.shape[0], frames, *out.shape[1:])
+    return out
 
 
 def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...]):
@@ -168,7 +201,9 @@ class Conv(nn.Module):
     param_dtype: Dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, past: jax.Array | None = None, causal: bool = False) -> jax.Array:
+        """`causal`: a 3-D kernel over [past | x] in time, no time padding (the output has x's frames); `past` holds
+        the k-1 frames before x, None means k-1 copies of x's first frame (the start of a video)."""
         rank = len(self.kernel_size)
         shape = (*self.kernel_size, x.shape[-1], self.features)
         kernel = _param(self, "kernel", nn.initializers.lecun_normal(), shape,
@@ -176,15 +211,18 @@ class Conv(nn.Module):
         bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (axes.CONV_OUT,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         strides, padding = self.strides or (1,) * rank, self.padding or ((0, 0),) * rank
-        if all(k == 1 for k in self.kernel_size) and self.strides is None and self.padding is None:
-            y = jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]))  # pointwise: a plain matmul
-        elif rank == 3 and self.kernel_size[0] > 1 and strides[0] == 1 and padding[0] == (0, 0) \
-                and jax.default_backend() == "cpu":
-            y = _conv3d_as_2d(x, kernel, strides[1:], padding[1:])
+        if causal and jax.default_backend() == "cpu":
+            y = _causal_conv3d_as_2d(x, past, kernel, strides[1:], padding[1:])
         else:
-            spatial = "DHW"[3 - rank:]
-            y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
-                                             dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
+            if causal:
+                before = jnp.repeat(x[:, :1], self.kernel_size[0] - 1, axis=1) if past is None else past
+                x = jnp.concatenate([before.astype(x.dtype), x], axis=1)
+            if all(k == 1 for k in self.kernel_size) and self.strides is None and self.padding is None:
+                y = jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]))  # pointwise: a plain matmul
+            else:
+                spatial = "DHW"[3 - rank:]
+                y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
+                                                 dimension_numbers=(f"N{spatial}C", f"{spatial}IO", f"N{spatial}C"))
         return y + bias.astype(self.dtype)
 
 
@@ -222,12 +260,16 @@ class CausalConv3d(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, cache: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         k = self.kernel_size
-        past = cache if cache is not None else jnp.repeat(x[:, :1], k - 1, axis=1)
-        x = jnp.concatenate([past.astype(x.dtype), x], axis=1)
         pad = (k - 1) // 2
         conv = Conv(self.features, (k, k, k), padding=((0, 0), (pad, pad), (pad, pad)), dtype=self.dtype,
                     param_dtype=self.param_dtype, name="conv")
-        return conv(x), x[:, x.shape[1] - (k - 1):]
+        # Materialise the input once: the conv and the cache slice both read it. Otherwise XLA recomputes the norm
+        # and SiLU that make it in each consumer and stores their resized SpatialNorm factors and sigmoid instead.
+        x = jax.lax.optimization_barrier(x)
+        y = conv(x, cache, causal=True)
+        past = jnp.repeat(x[:, :1], k - 1, axis=1) if cache is None else cache.astype(x.dtype)
+        tail = x if x.shape[1] >= k - 1 else jnp.concatenate([past, x], axis=1)
+        return y, tail[:, tail.shape[1] - (k - 1):]
 
 
 def pointwise_conv(features: int, name: str, dtype: Dtype, param_dtype: Dtype) -> Conv:
@@ -508,6 +550,28 @@ def _chunk_step(model: AutoencoderKLCogVideoX, method: str) -> Callable:
                    donate_argnums=2)
 
 
+_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="a1_jax-vae-compile")
+_COMPILED_BESIDE: set = set()
+
+
+def _compile_beside(step: Callable, params: Any, first: jax.Array,
+                    steady: jax.Array) -> concurrent.futures.Future | None:
+    """Starts compiling the steady chunk's program on another thread while this one compiles and runs the first
+    chunk's: XLA compiles on one core, so a cold run leaves the other idle (on 2 cores the pair takes the time of one).
+    The executable reaches `step` through the persistent compilation cache; without one there is nothing to share
+    and nothing is started. Once per step and shapes (later tiles and videos find it in `step`'s own cache)."""
+    key = (step, first.shape, steady.shape, first.dtype)
+    if not jax.config.jax_compilation_cache_dir or key in _COMPILED_BESIDE:
+        return None
+    _COMPILED_BESIDE.add(key)
+    # Lowered here, with the shardings the call will see (the chunk's; the cache comes out placed like it): the
+    # caller's mesh and axis rules are thread-local, and any difference would make it a second program.
+    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steady.sharding)
+    cache = jax.tree.map(spec, jax.eval_shape(step, params, first, None)[1])
+    lowered = step.lower(params, spec(steady), cache)
+    return _COMPILER.submit(lowered.compile)
+
+
 def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
              tick: Callable[[], None] | None = None) -> jax.Array:
     """diffusers' frame chunks of `x` (axis 1) through `step`, carrying the cache; outputs joined along time.
@@ -515,11 +579,14 @@ def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
     One XLA call per chunk, so peak memory is one chunk's working set. (Under one jit, XLA removes a one-trip loop and
     overlaps the two chunks' buffers, which doubled the 5B decode's memory at 5 latents.) `tick()` after each chunk has
     been computed (progress bars; it waits for the chunk, which dispatch would otherwise run ahead of)."""
-    first, size, _ = chunk_sizes(x.shape[1], chunk)
+    first, size, count = chunk_sizes(x.shape[1], chunk)
     starts = [0, *range(first, x.shape[1], size)]
+    steady = _compile_beside(step, params, x[:, :first], x[:, first:first + size]) if count else None
     outputs, cache = [], None
     for k, start in enumerate(starts):
         stop = first if k == 0 else start + size
+        if k == 1 and steady is not None:
+            steady.exception()  # wait; if it failed, the call below compiles (and reports) it itself
         y, cache = step(params, x[:, start:stop], cache)
         outputs.append(y)
         if tick is not None:
@@ -547,28 +614,54 @@ def _drive(model: AutoencoderKLCogVideoX, method: str, params: Any, x: jax.Array
     return tiled(run, x, **tiles) if tiles else run(x)
 
 
-def encode(model: AutoencoderKLCogVideoX, params: Any, video: jax.Array, tiling: bool = False,
+def _tiles(model: AutoencoderKLCogVideoX, tiling: bool | str, size: tuple[int, int], tile_in: tuple[int, int],
+           tile_out: tuple[int, int], chunk_pixels: tuple[int, int, int]) -> dict[str, tuple[int, int]] | None:
+    """The `tile_plan` for an input of spatial `size`, or None when it runs untiled: `tiling` False, an input no
+    larger than one tile (diffusers' rule), or "auto" with one chunk (`chunk_pixels`: its frames, height, width in
+    pixels) within `TILING_BUDGET_BYTES`."""
+    if tiling not in (True, False, "auto"):
+        raise ValueError(f"tiling must be True, False or 'auto', got {tiling!r}")
+    if not tiling or (size[0] <= tile_in[0] and size[1] <= tile_in[1]):
+        return None
+    if tiling == "auto" and chunk_activation_bytes(model.config, *chunk_pixels, model.dtype) <= TILING_BUDGET_BYTES:
+        return None
+    return tile_plan(tile_in, tile_out)
+
+
+def encode_tiles(model: AutoencoderKLCogVideoX, shape: tuple[int, ...],
+                 tiling: bool | str) -> dict[str, tuple[int, int]] | None:
+    """The tiles `encode` runs a video of `shape` [B, T, H, W, C] in (a `tile_plan`), or None: untiled."""
+    return _tiles(model, tiling, shape[2:4], model.tile_sample, model.tile_latent,
+                  (chunk_sizes(shape[1], ENCODE_CHUNK_FRAMES)[0], *shape[2:4]))
+
+
+def decode_tiles(model: AutoencoderKLCogVideoX, shape: tuple[int, ...],
+                 tiling: bool | str) -> dict[str, tuple[int, int]] | None:
+    """The tiles `decode` runs latents of `shape` [B, T, h, w, C] in (a `tile_plan`), or None: untiled."""
+    s = model.config.spatial_compression
+    return _tiles(model, tiling, shape[2:4], model.tile_latent, model.tile_sample,
+                  (decoded_frames(chunk_sizes(shape[1], DECODE_CHUNK_FRAMES)[0], model.config),
+                   shape[2] * s, shape[3] * s))
+
+
+def encode(model: AutoencoderKLCogVideoX, params: Any, video: jax.Array, tiling: bool | str = False,
            progress: Callable[[int, int], None] | None = None) -> DiagonalGaussian:
     """Posterior over latents `[B, 1 + (T-1)//4, H/8, W/8, 16]` of `video [B, T, H, W, C]` (5B geometry; T = 1 + 4k
-    frames is the intended input); `tiling` as diffusers' `enable_tiling()`. Call it outside `jax.jit`: it runs one
-    jitted call per frame chunk (and tile); `progress(done, total)` counts those calls."""
-    sample = model.tile_sample
-    tiles = (tile_plan(sample, model.tile_latent)
-             if tiling and (video.shape[3] > sample[1] or video.shape[2] > sample[0]) else None)
-    return DiagonalGaussian.from_moments(_drive(model, "encode_chunk", params, video, ENCODE_CHUNK_FRAMES, tiles,
-                                                progress))
+    frames is the intended input); `tiling` as diffusers' `enable_tiling()` (True), none (False), or "auto" (only
+    beyond the memory budget). Call it outside `jax.jit`: it runs one jitted call per frame chunk (and tile);
+    `progress(done, total)` counts those calls."""
+    return DiagonalGaussian.from_moments(_drive(model, "encode_chunk", params, video, ENCODE_CHUNK_FRAMES,
+                                                encode_tiles(model, video.shape, tiling), progress))
 
 
-def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tiling: bool = False,
+def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tiling: bool | str = False,
            progress: Callable[[int, int], None] | None = None) -> jax.Array:
     """Video `[B, T', H, W, C]` of `latents`, with exactly diffusers' frame count (13 latents -> 49 frames; an even
-    2-latent chunk gives 8 frames); `tiling` as diffusers' `enable_tiling()`. Call it outside `jax.jit`;
-    `progress(done, total)` counts its chunk calls."""
+    2-latent chunk gives 8 frames); `tiling` as in `encode`. Call it outside `jax.jit`; `progress(done, total)` counts
+    its chunk calls."""
     if model.encoder_only:
         raise ValueError("this VAE was built with encoder_only=True and has no decoder")
-    latent = model.tile_latent
-    tiles = (tile_plan(latent, model.tile_sample)
-             if tiling and (latents.shape[3] > latent[1] or latents.shape[2] > latent[0]) else None)
+    tiles = decode_tiles(model, latents.shape, tiling)
     return _drive(model, "decode_chunk", params, latents, DECODE_CHUNK_FRAMES, tiles, progress)
 
 

@@ -392,7 +392,7 @@ def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face
     from a1_jax.sampling.denoise import Overlap
 
     rng = np.random.default_rng(seed)
-    encoded = animator.encode_reference(canvas, face)
+    encoded = animator.encode_reference(canvas, face, tiling=True)  # as the release's enable_tiling()
     outputs, overlap, history = {}, None, None
     for k, control in enumerate(controls):
         image_noise, noise = window_noises(animator.configs, rng)
@@ -405,7 +405,7 @@ def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face
                                            step_noises=scheduler_noises(key, steps, noise.shape))
         outputs[f"window {k}" + (" (blended)" if k else "")] = (np.asarray(ours, np.float32), theirs)
         if frames and k == 0:
-            outputs["window 0 frames"] = (animator.decode(ours)[SINGLE_CLIP_DROP:],
+            outputs["window 0 frames"] = (animator.decode(ours, tiling=True)[SINGLE_CLIP_DROP:],
                                           reference_frames(pipe, theirs)[SINGLE_CLIP_DROP:])
         overlap = Overlap.after(tails)
     return outputs

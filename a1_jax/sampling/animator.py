@@ -15,7 +15,8 @@ The stages are callable on their own, for scripts that bring their own control v
   fresh posterior sample per window, as the reference re-encodes per window), pose latents, face tokens;
 * `denoise(conditions, ...)`: the whole CFG + scheduler loop, one compiled `lax.scan`, compiled once per geometry
   (every window of a long video reuses it);
-* `decode(latents)`: the VAE decoder with tiling, through its frame-chunk driver (memory is one chunk's).
+* `decode(latents)`: the VAE decoder (tiled where its memory budget needs it, as the 5B's is), through its
+  frame-chunk driver (memory is one chunk's).
 
 Whole videos go through `frames(...)`, a generator that streams `(output, control)` frame pairs window by window
 (memory does not grow with the video), or `__call__`, which collects them. Parameters and activations are sharded by
@@ -170,10 +171,13 @@ class Animator:
         name, pixels = _image(image)
         return _aligned(crop_and_resize(pixels, *self.configs.canvas), name, landmarker)
 
-    def encode_reference(self, canvas: np.ndarray, face: np.ndarray) -> EncodedReference:
-        """The reference latent's posterior (tiled VAE encode) and the SigLIP face tokens: once per video."""
+    def encode_reference(self, canvas: np.ndarray, face: np.ndarray, *,
+                         tiling: bool | str = "auto") -> EncodedReference:
+        """The reference latent's posterior (VAE encode; `tiling` as `vae.encode`) and the SigLIP face tokens: once per
+        video."""
         with self._on_mesh():
-            posterior = cond.reference_posterior(self.networks.vae, self.params["vae"], np.asarray(canvas)[None])
+            posterior = cond.reference_posterior(self.networks.vae, self.params["vae"], np.asarray(canvas)[None],
+                                                 tiling)
             tokens = cond.face_tokens(self.networks.siglip, self.params["siglip"], np.asarray(face)[None],
                                       self.dtype)
         return EncodedReference(posterior=posterior, face_tokens=tokens)
@@ -223,14 +227,15 @@ class Animator:
         with self._on_mesh():
             return self._denoise(self.params["transformer"], *inputs, use_cfg=guidance > 1, on_step=self._on_step)
 
-    def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (tiled VAE decode, diffusers' postprocessing).
-        `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
+    def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None, *,
+               tiling: bool | str = "auto") -> np.ndarray:
+        """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (VAE decode, `tiling` as `vae.decode`; diffusers'
+        postprocessing). `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
         # In the reference's dtype and order (`1 / scaling_factor * latents`; `x * 0.5 + 0.5`, clamped, before the
         # float cast): in bf16 each rounds, and a level of output can depend on it.
         with self._on_mesh():
             z = cond.from_dit_layout((1 / self.configs.vae.scaling_factor) * latents.astype(self.dtype))
-            video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=True,
+            video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=tiling,
                                progress=progress)
         video = np.asarray(jnp.clip(video[0] * 0.5 + 0.5, 0, 1).astype(jnp.float32))
         return np.rint(video * 255).astype(np.uint8)

@@ -177,8 +177,8 @@ def encode_batch(networks: Any, params: Any, frames: dict[str, Array], key: Arra
     mesh: the VAE drives its frame chunks (and tiles) itself, one jitted call each, as at inference."""
     video = frames["video"].astype(dtype)
     reference = _augment(float(image_noise[1]), float(image_noise[0]))(frames["video"][:, :1], key).astype(dtype)
-    target = vae.encode(networks.vae, params["vae"], video, tiling=True)
-    image = vae.encode(networks.vae, params["vae"], reference, tiling=True)
+    target = vae.encode(networks.vae, params["vae"], video, tiling="auto")
+    image = vae.encode(networks.vae, params["vae"], reference, tiling="auto")
     pose = vae.encode(networks.pose_guider, params["pose_guider"], frames["control"].astype(dtype)).mode()
     face = _siglip(networks.siglip)(params["siglip"], frames["face_pixels"])
     moments = lambda posterior: jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
