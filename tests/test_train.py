@@ -20,7 +20,7 @@ import pytest
 import yaml
 from flax import traverse_util
 
-from a1_jax import diffusion, parallel
+from a1_jax import conditions, diffusion, parallel
 from a1_jax.cli import main
 from a1_jax.config import DiTConfig, SiglipConfig, VAEConfig
 from a1_jax.errors import UserError
@@ -87,7 +87,7 @@ def _latent_batch(data, size: int) -> train_step.Batch:
     iterator = iter(latents.latent_dataset(str(data), batch_size=size, seed=0, face_dropout=0.0, num_epochs=1,
                                            shard_index=0, shard_count=1))
     batch = next(iterator)
-    return train_step.Batch(**{k: jnp.asarray(batch[k]) for k in ("video", "image", "pose", "face", "drop_face")})
+    return train_step.Batch(**{field.name: jnp.asarray(batch[field.name]) for field in dataclasses.fields(train_step.Batch)})
 
 
 def _tiny_release(folder, **dit_changes):
@@ -334,10 +334,12 @@ def test_train_stage_patterns_freeze_the_rest(cached, base, tmp_path):
                       str(tmp_path / "typo"), steps=1, mesh="single")
 
 
-def test_train_init_from_an_i2v_transformer_zero_fills_the_pose_channels(base, tmp_path):
+def test_train_init_from_an_i2v_transformer_grows_the_inputs_and_a_live_connector(base, tmp_path):
     """A diffusers transformer with [noise | image] input channels (8 = 2 x 4 latent channels) and no face
-    connector: its noise and image kernels land in channels 0:4 and 8:12, the pose channels 4:8 and the connector
-    are zero, the rest is the source's; so the pose latents change nothing at step 0."""
+    connector: its noise and image kernels land in channels 0:4 and 8:12, the pose channels 4:8 are zero, the rest
+    is the source's; the new connector's last layer is zero and its first LeCun normal. So at step 0 neither the pose
+    latents nor the face tokens change the output, yet the gradient reaches the connector's last layer (and through
+    it, once it moves, the first: both zero would leave both at exactly zero forever)."""
     from safetensors.numpy import load_file, save_file
 
     _tiny_release(tmp_path / "i2v", in_channels=8)
@@ -352,21 +354,28 @@ def test_train_init_from_an_i2v_transformer_zero_fills_the_pose_channels(base, t
     source = np.transpose(state["patch_embed.proj.weight"], (2, 3, 1, 0))  # [O, I, kh, kw] -> [kh, kw, I, O]
     assert np.array_equal(kernel[:, :, :4], source[:, :, :4]) and np.array_equal(kernel[:, :, 8:], source[:, :, 4:])
     assert not kernel[:, :, 4:8].any() and np.abs(source).min() > 0
-    for name in ("pose_proj_0", "pose_proj_2"):
-        assert not any(np.asarray(leaf).any() for leaf in jax.tree_util.tree_leaves(params["patch_embed"][name]))
+    connector = {name: {k: np.asarray(v) for k, v in params["patch_embed"][name].items()}
+                 for name in ("pose_proj_0", "pose_proj_2")}
+    assert not connector["pose_proj_2"]["kernel"].any() and not connector["pose_proj_2"]["bias"].any()
+    first = connector["pose_proj_0"]["kernel"]
+    assert abs(first.std() * np.sqrt(first.shape[0]) - 1) < 0.2 and not connector["pose_proj_0"]["bias"].any()
     assert np.array_equal(np.asarray(params["blocks"]["attn"]["to_q"]["kernel"][1]),
                           state["transformer_blocks.1.attn1.to_q.weight"].T)
-    assert sorted(model.report["init_transformer"]["zero_filled"]) == ["patch_embed/pose_proj_0/bias",
-                                                                       "patch_embed/pose_proj_0/kernel",
-                                                                       "patch_embed/pose_proj_2/bias",
-                                                                       "patch_embed/pose_proj_2/kernel"]
+    assert model.report["init_transformer"]["zero_filled"] == ["patch_embed/pose_proj_0/bias",
+                                                               "patch_embed/pose_proj_2/bias",
+                                                               "patch_embed/pose_proj_2/kernel"]
+    assert model.report["init_transformer"]["new"] == ["patch_embed/pose_proj_0/kernel"]
     rng = np.random.default_rng(0)
     latents_ = rng.standard_normal((1, 3, 12, 12, 18)).astype(np.float32)
     face = rng.standard_normal((1, 16, 48)).astype(np.float32)
     other = latents_.copy()
     other[:, :, 4:8] = rng.standard_normal(other[:, :, 4:8].shape)
-    apply = jax.jit(lambda x: model.networks.transformer.apply({"params": params}, x, face, jnp.array([500.0])))
-    assert np.array_equal(np.asarray(apply(latents_)), np.asarray(apply(other)))
+    transformer = model.networks.transformer
+    apply = jax.jit(lambda p, x, f: transformer.apply({"params": p}, x, f, jnp.array([500.0])))
+    assert np.array_equal(np.asarray(apply(params, latents_, face)), np.asarray(apply(params, other, face)))
+    assert np.array_equal(np.asarray(apply(params, latents_, face)), np.asarray(apply(params, latents_, 3 * face)))
+    grads = jax.grad(lambda p: jnp.sum(apply(p, latents_, face) ** 2))(params)["patch_embed"]
+    assert np.abs(np.asarray(grads["pose_proj_2"]["kernel"])).max() > 0
     with pytest.raises(UserError, match="input channels"):
         init.grow_input_channels(np.zeros((6, 6, 5, 64), np.float32), 12, 4)
 
@@ -387,16 +396,12 @@ def test_data_latent_cache_holds_the_encoders_outputs(cached, base):
     configs = checkpoint.ModelConfigs.from_folder(base)
     networks = checkpoint.build_networks(configs)
     params = checkpoint.load_params(base, networks)
-    face = train_step.siglip_pixels(records.decode_image(clip.face)[None], configs.siglip.image_size)
-    fresh = train_step.encode_batch(networks, params, {"video": jnp.asarray(video[None]),
-                                                       "control": jnp.asarray(control[None]),
-                                                       "face_pixels": jnp.asarray(face),
-                                                       "drop_face": jnp.zeros((1,), bool)},
-                                    jax.random.fold_in(jax.random.key(0), 7),  # the writer's key of record 7
-                                    image_noise=(-3.0, 0.5), dtype=jnp.float32)
-    for name, field in (("pose_latents", fresh.pose), ("video_latent", fresh.video), ("face_tokens", fresh.face),
-                        ("image_latent", fresh.image)):
-        want = np.asarray(field[0])
+    face = conditions.face_pixels(records.decode_image(clip.face)[None], configs.siglip.image_size)
+    fresh = conditions.window_conditions(networks, params, jnp.asarray(video[None]), jnp.asarray(control[None]),
+                                         jnp.asarray(face), jax.random.fold_in(jax.random.key(0), 7)[None],
+                                         pixel_noise=(-3.0, 0.5), dtype=jnp.float32)  # the writer's key of record 7
+    for name, field in latents.FIELDS.items():
+        want = np.asarray(fresh[field][0])
         assert stored[name].shape == want.shape
         assert np.abs(stored[name] - want).max() <= 2 ** -10 * np.abs(want).max(), name
     # The reference latent is of the noise-augmented frame: far from the clean frame's.
