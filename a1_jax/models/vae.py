@@ -503,6 +503,12 @@ def _chunk_step(model: AutoencoderKLCogVideoX, method: str) -> Callable:
                    donate_argnums=2)
 
 
+def _on_device(params: Any) -> Any:
+    """Host arrays put on the default device once, not once per chunk call; device arrays (sharded over another
+    process's devices too, in multi-host training) stay where they are."""
+    return jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
+
+
 def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int) -> jax.Array:
     """diffusers' frame chunks of `x` (axis 1) through `step`, carrying the cache; outputs joined along time.
 
@@ -522,7 +528,7 @@ def encode(model: AutoencoderKLCogVideoX, params: Any, video: jax.Array, tiling:
     """Posterior over latents `[B, 1 + (T-1)//4, H/8, W/8, 16]` of `video [B, T, H, W, C]` (5B geometry; T = 1 + 4k
     frames is the intended input); `tiling` as diffusers' `enable_tiling()`. Call it outside `jax.jit`: it runs one
     jitted call per frame chunk (and tile)."""
-    params = jax.device_put(params)  # once, not once per chunk call
+    params = _on_device(params)
     run = functools.partial(_chunked, _chunk_step(model, "encode_chunk"), params, chunk=ENCODE_CHUNK_FRAMES)
     sample = model.tile_sample
     if tiling and (video.shape[3] > sample[1] or video.shape[2] > sample[0]):
@@ -537,7 +543,7 @@ def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tilin
     2-latent chunk gives 8 frames); `tiling` as diffusers' `enable_tiling()`. Call it outside `jax.jit`."""
     if model.encoder_only:
         raise ValueError("this VAE was built with encoder_only=True and has no decoder")
-    params = jax.device_put(params)  # once, not once per chunk call
+    params = _on_device(params)
     run = functools.partial(_chunked, _chunk_step(model, "decode_chunk"), params, chunk=DECODE_CHUNK_FRAMES)
     latent = model.tile_latent
     if tiling and (latents.shape[3] > latent[1] or latents.shape[2] > latent[0]):

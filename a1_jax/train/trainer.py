@@ -210,7 +210,8 @@ def _manager(workdir: str, keep: int):
     import grain
     import orbax.checkpoint as ocp
 
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=True, create=True,
+                                           cleanup_tmp_directories=True)  # what a killed save left
     handlers = {ckpt.ITEM_PARAMS: ocp.StandardCheckpointHandler(), ckpt.ITEM_OPT_STATE: ocp.StandardCheckpointHandler(),
                 ckpt.ITEM_EMA: ocp.PyTreeCheckpointHandler(),  # restored partially: the trainable leaves
                 ckpt.ITEM_META: ocp.JsonCheckpointHandler(), ckpt.ITEM_DATA: grain.checkpoint.CheckpointHandler()}
