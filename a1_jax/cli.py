@@ -127,7 +127,8 @@ def build_parser() -> argparse.ArgumentParser:
     dataset = commands.add_parser("make-dataset", help="videos -> 49-frame training clips (ArrayRecord shards + "
                                                        "index.json; TFDS builder `a1_clips`)")
     dataset.add_argument("--videos", help="folder of videos (searched recursively)")
-    dataset.add_argument("--out", required=True, help="dataset folder to create (must not hold a dataset yet)")
+    dataset.add_argument("--out", required=True, help="dataset folder to create (the same command again "
+                                                        "finishes an interrupted run)")
     dataset.add_argument("--landmarker", help=LANDMARKER_HELP)
     dataset.add_argument("--workers", type=int, default=1, help="videos processed in parallel (processes; the "
                                                                 "output does not depend on it)")

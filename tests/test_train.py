@@ -720,14 +720,15 @@ def test_train_on_two_processes_matches_one_and_resumes_after_both_are_killed(ca
     assert one["devices"] == 8 and one["processes"] == 1
 
     processes = _two_processes(command, tmp_path)
-    deadline = time.time() + 150
-    while time.time() < deadline and all(p.poll() is None for p in processes) and not (
-            (workdir / checkpoint.WORKDIR_CHECKPOINTS).is_dir() and checkpoint.trained_step(workdir)):
+    saved = lambda: (workdir / checkpoint.WORKDIR_CHECKPOINTS).is_dir() and checkpoint.trained_step(workdir)
+    deadline = time.time() + 600
+    while time.time() < deadline and all(p.poll() is None for p in processes) and not saved():
         time.sleep(0.01)
     for process in processes:
         process.send_signal(signal.SIGKILL)
     outputs = [process.communicate() for process in processes]
     assert all(p.returncode == -signal.SIGKILL for p in processes), [err[-2000:] for _, err in outputs]
+    assert saved(), "no checkpoint before the kill"
 
     processes = _two_processes(command, tmp_path)
     outputs = [process.communicate(timeout=300) for process in processes]

@@ -548,13 +548,22 @@ def train(config: train_config.TrainConfig, data_dir: str, workdir: str, *, step
     bar = tqdm(total=steps, initial=min(start, steps), desc="train", unit="step",
                disable=None if progress and jax.process_index() == 0 else True)
     log = _Log(run, metrics_path, workdir, restored, bar, peak)
+    # Several CPU processes on a frame dataset: dispatching the step while the encoders' programs were still in
+    # flight hung or failed in gloo's cross-process collectives (2 processes, every try; where XLA's CPU runtime
+    # orders them is not pinned down). There every batch and every step is waited for; GPU and TPU run a device's
+    # programs in dispatch order, and on a latent cache every program waits on the previous step anyway.
+    serial = not run.cached and jax.process_count() > 1 and run.mesh.devices.flat[0].platform == "cpu"
     try:
         for step in range(start + 1, steps + 1):
             begin = time.perf_counter()
             batch = next_batch(run, step)
+            if serial:
+                jax.block_until_ready(batch)
             data_seconds = time.perf_counter() - begin
             with parallel.activate(run.mesh, run.rules):
                 run.state, metrics = run.step_fn(run.state, batch)
+            if serial:
+                jax.block_until_ready(run.state)
             log.add(step, metrics, data_seconds)
             if step == start + 1:
                 log.read()  # the first step of a process compiles: timed on its own
