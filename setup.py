@@ -8,13 +8,20 @@ EVAL = [
     "matplotlib>=3.7",  # --plot
 ]
 
+# `--text`: eSpeak NG (GPL-3.0) as a wheel that carries the library and its voices (no system package); we call it
+# through ctypes. Optional: speech from text is the only thing that needs it.
+TTS = ["espeakng-loader==0.2.4"]
+
 setup(
     name="a1_jax",
     version="0.1.0",
     description="SkyReels-A1 portrait animation in JAX/Flax: inference with PyTorch parity, and training",
     packages=find_packages(include=["a1_jax", "a1_jax.*"]),
-    # MediaPipe's face landmarker (Apache-2.0, 3.7 MB): a fresh install animates with no download.
-    package_data={"a1_jax": ["assets/face_landmarker.task"]},
+    # MediaPipe's face landmarker (Apache-2.0, 3.7 MB): a fresh install animates with no download. The face rig
+    # (blendshapes -> landmark offsets, 0.3 MB) is ours, fitted by tools/fit_face_rig.py. The example portrait and
+    # driving clip (public domain, ~380 KB; examples/LICENSES.md): `a1-jax animate --example`.
+    package_data={"a1_jax": ["assets/face_landmarker.task", "assets/face_rig.npz", "examples/portrait.png",
+                             "examples/driving.mp4", "examples/LICENSES.md"]},
     python_requires=">=3.10",
     install_requires=[
         "jax>=0.4.35",  # no upper bound: GPU machines bring newer jax
@@ -34,6 +41,9 @@ setup(
         "ml_dtypes",
         "tqdm",
         "pyyaml",  # training configs (configs/train/*.yaml)
+        # `--audio`: offline phone recognition and forced alignment with the en-us model the wheel ships (BSD,
+        # 29 MB wheel, no download at run time). 5.x: the Decoder API (all-phone search, set_align_text) we use.
+        "pocketsphinx>=5.0,<6",
     ],
     extras_require={
         "test": [
@@ -43,8 +53,10 @@ setup(
             "transformers==5.23.0",
             "tensorflow-datasets",
             *EVAL,  # the evaluate tests measure identity too
+            *TTS,  # and the text-to-speech tests speak
         ],
         "eval": EVAL,
+        "tts": TTS,
     },
     entry_points={"console_scripts": ["a1-jax=a1_jax.cli:main"]},
 )

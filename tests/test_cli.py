@@ -1,8 +1,12 @@
 """The CLI's contract: one-line user errors with exit code 2, a JSON last line, `python -m a1_jax`."""
 
+import argparse
 import json
+import os
+import pathlib
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -60,3 +64,71 @@ def test_wrong_class_name_is_rejected(tmp_path):
     path.write_text(json.dumps({"_class_name": "AutoencoderKL"}))
     with pytest.raises(UserError, match="expected an AutoencoderKLCogVideoX config"):
         VAEConfig.from_json(path)
+
+
+# ---------------------------------------------------------------------------------------------- a new user's first run
+def test_version_and_every_subcommand_described(capsys):
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == "a1-jax 0.1.0"
+    parser = cli.build_parser()
+    commands = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    for name, sub in commands.choices.items():
+        assert sub.description and len(sub.description) > 60, name  # `a1-jax NAME --help` explains the command
+    helps = {action.dest: action.help for action in commands._choices_actions}
+    assert set(helps) == set(commands.choices) and all(helps.values())
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["animate", "--example", "--out", "o.mp4", "--guidance", "-5"], "--guidance: must be at least 1"),
+    (["animate", "--example", "--out", "o.mp4", "--guidance", "nan"], "expected a finite number"),
+    (["animate", "--example", "--out", "o.mp4", "--steps", "0"], "--steps: must be at least 1"),
+    (["animate", "--example", "--out", "o.mp4", "--max-frames", "x"], "expected an integer, got 'x'"),
+    (["landmarks", "--ref", "r.png", "--driving", "d.mp4", "--out", "c.mp4", "--max-frames", "1"], "at least 2"),
+    (["evaluate", "--identity-frames", "-1"], "--identity-frames: must be at least 0"),
+])
+def test_bad_values_are_one_line_exit_2(capsys, argv, words):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_examples_ship_in_the_package_small_and_public_domain():
+    from a1_jax import examples
+    from a1_jax.io.video import probe_video, read_image
+
+    portrait, driving = examples.portrait_path(), examples.driving_path()
+    assert read_image(portrait).shape == (341, 512, 3)
+    info = probe_video(driving)
+    assert (info.fps, info.num_frames) == (24, 96)  # 48 frames at 12 fps: one window
+    for path in (portrait, driving):
+        assert os.path.getsize(path) < 400_000
+    licences = pathlib.Path(examples.__file__).with_name("LICENSES.md").read_text()
+    assert licences.count("public domain") >= 2 and "portrait.png" in licences and "driving.mp4" in licences
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["animate", "--example", "--out", "x.txt"], "use .mp4 (got '.txt')"),
+    (["animate", "--example", "--out", "x.gif"], "use .mp4 (got '.gif')"),
+    (["animate", "--example", "--out", "o.mp4", "--preview", "p.png"], "--preview p.png"),
+    (["animate", "--example", "--out", "/proc/x.mp4"], "no new file can be created in /proc"),
+    (["animate", "--ref", "absent.png", "--example", "--out", "o.mp4"], "image not found: absent.png"),
+    (["animate", "--out", "o.mp4"], "animate needs --ref (or --example"),
+    (["animate", "--example", "--audio", "absent.wav", "--out", "o.mp4"], "file not found: absent.wav (--audio)"),
+    (["landmarks", "--ref", "{portrait}", "--driving", "{driving}", "--out", "c.gif"], "use .mp4 (got '.gif')"),
+])
+def test_bad_paths_fail_in_a_fresh_interpreter_within_seconds(tmp_path, argv, words):
+    """Before JAX or MediaPipe load: one line, exit 2, nothing written."""
+    from a1_jax import examples
+
+    argv = [a.format(portrait=examples.portrait_path(), driving=examples.driving_path()) for a in argv]
+    # The command as `python -m a1_jax` runs it, then a look at what it had imported.
+    script = ("import sys; from a1_jax import cli; code = cli.main(sys.argv[1:]); "
+              "print('imported', sorted(m for m in ('jax', 'mediapipe') if m in sys.modules)); sys.exit(code)")
+    start = time.perf_counter()
+    process = subprocess.run([sys.executable, "-c", script, *argv], capture_output=True, text=True, timeout=120,
+                             cwd=tmp_path)
+    seconds = time.perf_counter() - start
+    assert process.returncode == 2 and process.stdout == "imported []\n", (process.stdout, process.stderr)
+    assert words in process.stderr and len(process.stderr.strip().splitlines()) == 1, process.stderr
+    assert not list(tmp_path.iterdir())
+    assert seconds < 15, seconds  # ~0.5 s on a quiet 2-core machine

@@ -255,11 +255,22 @@ def test_faceless_frames_are_filled(tmp_path, shared, reference_image, landmarke
         frames[i] = np.zeros_like(frames[i])
     path = str(tmp_path / "gaps.mp4")
     write_video(path, frames, fps=12)
-    plan = plan_motion(reference_image, path, landmarker_path=landmarker_path)
-    assert (plan.faces_found, plan.frames_filled) == (21, 3)
+    plan = plan_motion(reference_image, path, landmarker_path=landmarker_path, missing_face="fill")
+    assert (plan.faces_found, plan.frames_filled, plan.frames_without_face) == (21, 3, (5, 6, 7))
     # Filled frames sit between their neighbours.
     between = plan.driving_points[6] - (plan.driving_points[4] + plan.driving_points[8]) / 2
     assert np.abs(between).max() < 1e-3
+    # The default, as the reference's long-video script: those frames are dropped, the others keep their landmarks.
+    dropped = plan_motion(reference_image, path, landmarker_path=landmarker_path)
+    assert dropped.missing_face == "drop" and dropped.frames_without_face == (5, 6, 7)
+    assert len(dropped.order) == len(dropped.source_indices) == 21 and dropped.frames_filled == 0
+    keep = [i for i in range(24) if i not in (5, 6, 7)]
+    np.testing.assert_array_equal(dropped.driving_points, plan.driving_points[keep])
+    np.testing.assert_array_equal(dropped.source_indices, plan.source_indices[keep])
+    # A clip reads on past the faceless frames until it has its 47 driving frames' worth (here: all 21 there are).
+    clip = plan_motion(reference_image, path, landmarker_path=landmarker_path, max_frames=12)
+    assert clip.frames_without_face == (5, 6, 7) and len(clip.source_indices) == 10
+    np.testing.assert_array_equal(clip.source_indices, plan.source_indices[keep[:10]])
 
 
 # ---------------------------------------------------------------------------------------------------------- command
@@ -286,6 +297,7 @@ def test_command_long_mode_and_one_clip(tmp_path, shared, capsys, clips):
                         shared, capsys)
     result = json.loads(out.strip().splitlines()[-1])
     assert code == 0 and result["frames"] == 49 and result["faces_found"] == 40
+    assert result["driving_frames"] == 48 and result["missing_face"] == "drop" and result["frames_without_face"] == []
     written = probe_video(str(tmp_path / "clip.mp4"))
     assert (written.num_frames, written.height, written.width) == (49, 480, 720)
     preview = probe_video(str(tmp_path / "preview.mp4"))
@@ -309,7 +321,7 @@ def _blank_video(path, count=24):
     ("no_face_portrait", "no face found"),
     ("faceless_driving", "no face in 24 of 24"),
     ("bad_max_frames", "--max-frames"),
-    ("bad_output_folder", "output folder does not exist"),
+    ("bad_output_folder", "does not exist"),
 ])
 def test_bad_inputs_are_one_line_user_errors(tmp_path, shared, capsys, case, message):
     ref = str(shared / "data" / "portraits" / "ref_1.png")

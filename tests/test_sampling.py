@@ -7,11 +7,15 @@ import pathlib
 import shutil
 import sys
 
+import cv2
+import jax
 import numpy as np
 import pytest
 
 from a1_jax.cli import main
 from a1_jax.errors import UserError
+from a1_jax.interpolate import BlendInterpolator
+from a1_jax.io.audio import mux_audio, read_audio, stream_durations
 from a1_jax.io.video import probe_video, read_frames, read_image, resample_indices, write_video
 from a1_jax.motion.reference import crop_and_resize
 from a1_jax.parity import errors
@@ -34,10 +38,10 @@ def release(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def inputs(shared):
+def inputs(examples):
     """A real portrait on the small canvas, its aligned face crop, and two windows of control frames."""
     height, width = reference.SMALL_VAE.sample_height, reference.SMALL_VAE.sample_width
-    portrait = read_image(str(shared / "data" / "portraits" / "ref_1.png"))
+    portrait = read_image(examples["portrait"])
     canvas = crop_and_resize(portrait, height, width)
     face = crop_and_resize(portrait, 512, 512)
     rng = np.random.default_rng(0)
@@ -176,102 +180,201 @@ def test_stitch_emits_each_driving_frame_once_with_a_cross_fade_at_each_seam():
         for m, d in enumerate(plan.indices(start)):
             decoded[1 + m], control[1 + m] = 100 * k, d
         windows.append((decoded, control))
-    pairs = list(stitch(plan, windows, crossfade=4))
+    pairs = list(stitch(plan, windows, seam=BlendInterpolator()))
     assert [int(c[0, 0, 0]) for _, c in pairs] == list(range(100))
     window_of = [int(f[0, 0, 0]) for f, _ in pairs]
-    assert window_of[:44] == [0] * 44 and window_of[48:84] == [100] * 36 and window_of[88:] == [200] * 12
-    assert window_of[44:48] == [20, 40, 60, 80]  # 1/5 … 4/5 of the way from window 0 to window 1
-    assert window_of[84:88] == [120, 140, 160, 180]
+    assert window_of[:40] == [0] * 40 and window_of[48:80] == [100] * 32 and window_of[88:] == [200] * 12
+    # The 8 overlapping frames go 1/9 … 8/9 of the way from one window to the next.
+    assert window_of[40:48] == [11, 22, 33, 44, 56, 67, 78, 89]
+    assert window_of[80:88] == [111, 122, 133, 144, 156, 167, 178, 189]
+    shorter = [int(f[0, 0, 0]) for f, _ in stitch(plan, windows, seam=BlendInterpolator(), seam_frames=4)]
+    assert shorter[40:48] == [0, 0, 0, 0, 20, 40, 60, 80]  # the last 4 only: 1/5 … 4/5
 
 
 # -------------------------------------------------------------------------------------------------- the command
-def _animate(tmp_path, shared, *extra, capsys=None):
-    args = ["animate", "--ref", str(shared / "data" / "portraits" / "ref_4.png"), "--out", str(tmp_path / "out.mp4"),
-            "--steps", "2", *extra]
+def _animate(tmp_path, examples, *extra, capsys=None):
+    args = ["animate", "--ref", examples["portrait"], "--out", str(tmp_path / "out.mp4"), "--steps", "2", *extra]
     if "--driving" not in extra:
-        args += ["--driving", str(shared / "data" / "driving" / "drive_4.mp4")]
+        args += ["--driving", examples["driving"]]
     code = main(args)
     captured = capsys.readouterr() if capsys is not None else None
     return code, captured
 
 
-def test_animate_single_clip_on_the_tiny_configuration(tmp_path, shared, capsys):
-    code, captured = _animate(tmp_path, shared, "--single-clip", "--preview", str(tmp_path / "preview.mp4"),
-                              capsys=capsys)
+def test_animate_single_clip_on_the_tiny_configuration(tmp_path, examples, capsys):
+    code, captured = _animate(tmp_path, examples, "--single-clip", "--preview", str(tmp_path / "preview.mp4"),
+                              "--fps", "30", capsys=capsys)
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
-    assert "random weights: the output shows the pipeline, not a likeness" in captured.err
-    assert summary["frames"] == 47 and summary["windows"] == 1 and summary["ok"]
-    assert set(summary["stage_seconds"]) == {"landmarks", "conditions", "denoise", "decode"}
+    assert "random weights (every network): the output shows the pipeline, not a likeness" in captured.err
+    # 47 model frames at 12 fps (3.92 s) -> 118 frames at 30 fps, the in-betweens interpolated (flow).
+    assert summary["frames_12fps"] == 47 and summary["frames"] == 118 and summary["fps"] == 30
+    assert summary["windows"] == 1 and summary["interpolator"] == "flow" and summary["ok"]
+    assert summary["random_weights"] and set(summary["weights"]) == set(checkpoint.NETWORKS)
+    assert all(source == "random (seed 0)" for source in summary["weights"].values())
+    stages = summary["stage_seconds"]
+    assert set(stages) == {"startup", "checks", "landmarks", "model", "conditions", "denoise", "decode", "write"}
+    # Exclusive stage clocks: together they are the run, less what ran before the first stage (parsing arguments).
+    assert 0 <= summary["seconds"] - sum(stages.values()) < 1.0, (summary["seconds"], stages)
     info = probe_video(str(tmp_path / "out.mp4"))
-    assert (info.num_frames, info.height, info.width, info.fps) == (47, 480, 720, 12)
-    preview = probe_video(str(tmp_path / "preview.mp4"))
-    assert preview.num_frames == 47 and preview.height == 480 and preview.width == 720 * 3 + 480
-    frames = np.stack(list(read_frames(str(tmp_path / "out.mp4"), range(47))))
+    assert (info.num_frames, info.height, info.width, info.fps) == (118, 480, 720, 30)
+    preview = probe_video(str(tmp_path / "preview.mp4"))  # the preview stays at the model's 12 fps
+    assert preview.num_frames == 47 and preview.fps == 12 and preview.height == 480 and preview.width == 720 * 3 + 480
+    frames = np.stack(list(read_frames(str(tmp_path / "out.mp4"), range(118))))
     assert frames.std() > 5  # a real, varied picture, not a constant frame
+    # the driving video's own sound under the frames shown: f0 … f46 of the example clip's 48
+    durations = stream_durations(str(tmp_path / "out.mp4"))
+    assert durations["audio"] == pytest.approx(47 / 12, abs=0.03)
+    assert durations["video"] == pytest.approx(47 / 12, abs=1 / 30 + 0.01)  # re-timed: the same duration, in sync
+    assert summary["audio_seconds"] == pytest.approx(47 / 12, abs=1e-3)
 
 
-def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, shared, capsys):
-    # drive_1 forwards, backwards, forwards: 234 frames at 23.976 fps -> 117 12-fps frames: windows at 0, 40, 80.
-    source = str(shared / "data" / "driving" / "drive_1.mp4")
+def test_animate_long_video_in_three_windows_capped_by_max_frames(tmp_path, examples, capsys):
+    # The example clip forwards, backwards, forwards: 288 frames at 24 fps -> 144 12-fps frames: windows at 0, 40, 80.
+    source = examples["driving"]
     info = probe_video(source)
     frames = list(read_frames(source, range(info.num_frames)))
     looped = str(tmp_path / "looped.mp4")
     write_video(looped, frames + frames[::-1] + frames, fps=info.fps)
+    mux_audio(looped, read_audio(source, rate=48000, mono=False), [(0.0, 3 * info.num_frames / info.fps)])
     available = len(resample_indices(probe_video(looped).num_frames, probe_video(looped).fps))
-    expected = 100  # --max-frames caps the ~117 driving frames; windows at 0, 40 and 80 (the last padded by 28)
-    code, captured = _animate(tmp_path, shared, "--driving", looped, "--max-frames", str(expected), capsys=capsys)
+    expected = 100  # --max-frames caps the 144 driving frames; windows at 0, 40 and 80 (the last padded by 28)
+    code, captured = _animate(tmp_path, examples, "--driving", looped, "--max-frames", str(expected), "--no-audio",
+                              capsys=capsys)
     assert code == 0, captured.err
     summary = json.loads(captured.out.strip().splitlines()[-1])
     assert available > expected and summary["windows"] == 3 and summary["frames"] == expected and summary["ok"]
+    assert summary["fps"] == 12 and summary["seam"] == "interpolate"  # the default: 12 fps, seams interpolated
+    assert summary["driving_frames"] == expected and summary["frames_without_face"] == []
     out = probe_video(str(tmp_path / "out.mp4"))
     assert (out.num_frames, out.height, out.width, out.fps) == (expected, 480, 720, 12)
+    assert summary["audio_seconds"] is None and "audio" not in stream_durations(str(tmp_path / "out.mp4"))
+
+
+def test_faceless_driving_frames_are_dropped_by_default_and_filled_on_request(tmp_path, examples, capsys):
+    """As the reference's long-video script (np.delete): frames without a face are left out and named; --missing-face
+    fill keeps one output frame per driving frame. Checked up to the plan (the networks add nothing here)."""
+    from a1_jax.sampling.animator import plan_video
+
+    frames = list(read_frames(examples["driving"], range(0, 96, 2)))  # 48 frames at 12 fps
+    for i in (10, 11, 30):
+        frames[i] = np.zeros_like(frames[i])
+    gappy = str(tmp_path / "gappy.mp4")
+    write_video(gappy, frames, fps=12)
+    configs = checkpoint.ModelConfigs.from_folder(checkpoint.model_config_folder("tiny"))
+    dropped = plan_video(configs, examples["portrait"], gappy)
+    filled = plan_video(configs, examples["portrait"], gappy, missing_face="fill")
+    without = dropped.motion.frames_without_face
+    # The blanked frames (MediaPipe's tracker may also need the frame after a blank one to find the face again).
+    assert {10, 11, 30} <= set(without) and len(without) <= 6 and filled.motion.frames_without_face == without
+    assert len(dropped.motion.order) == 48 - len(without) and len(filled.motion.order) == 48
+    kept = [i for i in range(48) if i not in without]
+    np.testing.assert_array_equal(dropped.motion.source_indices, filled.motion.source_indices[kept])
 
 
 @pytest.mark.parametrize("case, words", [
-    ("steps 0", "--steps must be at least 1"),
+    ("steps 0", "--steps: must be at least 1"),
+    ("fps below 12", "--fps must be between 12"),
+    ("guidance -5", "--guidance: must be at least 1"),
+    ("missing portrait", "image not found"),
+    ("portrait without a face", "no face"),
     ("no face in the driving video", "no face"),
-    ("unwritable output", "output folder does not exist"),
+    ("out x.txt", "use .mp4 (got '.txt')"),
+    ("out x.gif", "use .mp4 (got '.gif')"),
+    ("preview p.png", "--preview"),
+    ("out in /proc", "no new file can be created in /proc"),
+    ("out is the driving video", "is one of the inputs"),
+    ("unwritable output", "does not exist"),
     ("missing checkpoint", "checkpoint folder not found"),
     ("partial checkpoint", "missing pose_guider/config.json"),
     ("wrong config", "unknown model config"),
 ])
-def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, shared, capsys, release, case, words):
+def test_animate_bad_inputs_are_one_line_exit_2(tmp_path, examples, capsys, release, case, words):
+    out = str(tmp_path / "out.mp4")
     extra = []
+    ref, driving = examples["portrait"], examples["driving"]
     if case == "steps 0":
         extra = ["--steps", "0"]
+    elif case == "fps below 12":
+        extra = ["--fps", "8"]
+    elif case == "guidance -5":
+        extra = ["--guidance", "-5"]
+    elif case == "missing portrait":
+        ref = str(tmp_path / "absent.png")
+    elif case == "portrait without a face":
+        ref = str(tmp_path / "grey.png")
+        cv2.imwrite(ref, np.full((480, 720, 3), 128, np.uint8))
     elif case == "no face in the driving video":
-        blank = str(tmp_path / "blank.mp4")
-        write_video(blank, [np.zeros((64, 64, 3), np.uint8)] * 24, fps=12)
-        extra = ["--driving", blank]
+        driving = str(tmp_path / "blank.mp4")
+        write_video(driving, [np.zeros((64, 64, 3), np.uint8)] * 24, fps=12)
+    elif case == "out x.txt":
+        out = str(tmp_path / "x.txt")
+    elif case == "out x.gif":
+        out = str(tmp_path / "x.gif")
+    elif case == "preview p.png":
+        extra = ["--preview", str(tmp_path / "p.png")]
+    elif case == "out in /proc":
+        out = "/proc/x.mp4"
+    elif case == "out is the driving video":
+        driving = str(tmp_path / "driving.mp4")
+        shutil.copy(examples["driving"], driving)
+        out = driving
     elif case == "unwritable output":
-        extra = ["--out", str(tmp_path / "no" / "such" / "folder" / "out.mp4")]
+        out = str(tmp_path / "no" / "such" / "folder" / "out.mp4")
     elif case == "missing checkpoint":
         extra = ["--checkpoint", str(tmp_path / "absent")]
     elif case == "partial checkpoint":
         extra = ["--checkpoint", str(_damaged(release, tmp_path, "missing part"))]
     elif case == "wrong config":
         extra = ["--config", "no-such-config"]
-    args = ["animate", "--ref", str(shared / "data" / "portraits" / "ref_1.png"),
-            "--driving", str(shared / "data" / "driving" / "drive_7.mp4"), "--out", str(tmp_path / "out.mp4"), *extra]
-    if "--out" in extra:
-        args.remove(str(tmp_path / "out.mp4"))
-        args.remove("--out")
-    code = main(args)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    code = main(["animate", "--ref", ref, "--driving", driving, "--out", out, *extra])
     err = capsys.readouterr().err
-    assert code == 2 and words in err and "Traceback" not in err
-    assert len([line for line in err.strip().splitlines() if not line.startswith("random weights")]) == 1
-    assert not [p for p in tmp_path.rglob("*out*.mp4")]  # nothing half-written left behind
+    assert code == 2 and words in err and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # nothing written, nothing half-written left behind
 
 
-def test_the_python_api_example_runs(tmp_path, shared):
+def test_nan_latents_stop_the_run_before_decoding(tmp_path, examples, capsys, monkeypatch):
+    """Broken weights (NaN) in the DiT: a clear message, ok false, exit 1, no mp4."""
+    from a1_jax.sampling import animator as animator_module
+
+    build = animator_module.Animator.from_config
+
+    def broken(*args, **kwargs):
+        built = build(*args, **kwargs)
+        built.params["transformer"] = jax.tree_util.tree_map(lambda x: x * np.nan, built.params["transformer"])
+        return built
+
+    monkeypatch.setattr(animator_module.Animator, "from_config", broken)
+    code, captured = _animate(tmp_path, examples, "--single-clip", "--steps", "1", capsys=capsys)
+    summary = json.loads(captured.out.strip().splitlines()[-1])
+    assert code == 1 and not summary["ok"] and "NaN or Inf" in summary["error"] and "NaN or Inf" in captured.err
+    assert summary["out"] is None and "decode" not in summary["stage_seconds"]
+    assert not list(tmp_path.rglob("*.mp4"))
+
+
+def test_the_python_api_example_runs(tmp_path, examples):
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "tools"))
     try:
         import animate_example
     finally:
         sys.path.pop(0)
-    summary = animate_example.main(["--ref", str(shared / "data" / "portraits" / "ref_6.png"),
-                                    "--driving", str(shared / "data" / "driving" / "drive_1.mp4"),
-                                    "--out", str(tmp_path / "example.mp4"), "--steps", "1"])
+    summary = animate_example.main(["--out", str(tmp_path / "example.mp4"), "--steps", "1"])  # the shipped examples
     assert summary["frames"] == 47 and summary["shape"] == [47, 480, 720, 3]
     assert probe_video(str(tmp_path / "example.mp4")).num_frames == 47
+
+
+def test_weight_sources_say_what_a_trained_workdir_trained(tmp_path, monkeypatch):
+    """A training run's base model records its random networks; the workdir's DiT is the trained one."""
+    workdir = tmp_path / "run"
+    params = {name: {"w": np.zeros(2, np.float32)} for name in checkpoint.NETWORKS}
+    sources = {name: checkpoint.random_source(3) for name in checkpoint.NETWORKS}
+    checkpoint.save_checkpoint(workdir / checkpoint.WORKDIR_MODEL, checkpoint.model_config_folder("tiny"), params,
+                               sources=sources)
+    assert checkpoint.weight_sources(workdir) == sources  # no step saved yet: the base model
+    monkeypatch.setattr(checkpoint, "trained_step", lambda folder: (200, "ema"))
+    found = checkpoint.weight_sources(workdir)
+    assert found["transformer"].startswith("trained (step 200, ema)")
+    assert all(checkpoint.is_random(found[name]) for name in ("vae", "pose_guider", "siglip"))
+    assert not checkpoint.is_random(found["transformer"])

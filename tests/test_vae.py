@@ -118,6 +118,14 @@ def test_5b_geometry_parity_at_small_size():
     assert result["ok"] and result["max_rel_err"] <= FP32_TOLERANCE, result
 
 
+def test_demo_configuration_parity():
+    """configs/tiny/vae (4-8 channels, the demo's VAE) against diffusers."""
+    args = argparse.Namespace(config=CONFIGS / "tiny" / "vae", checkpoint=None, seed=0, frames=9, height=32,
+                              width=48, batch=None, tiling=False)
+    result = vae_parity.parity(args)
+    assert result["ok"] and result["max_rel_err"] <= FP32_TOLERANCE, result
+
+
 @pytest.fixture(scope="module")
 def meta_5b_shapes():
     """Names and shapes of the real 5B VAE state dict, from a model built on torch's meta device (no memory)."""

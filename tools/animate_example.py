@@ -1,9 +1,9 @@
 """Animate a portrait from Python: the API behind `a1-jax animate`, stage by stage, for your own inference scripts.
 
-    python tools/animate_example.py --ref ../shared/data/portraits/ref_1.png \
-        --driving ../shared/data/driving/drive_7.mp4 --out /tmp/example.mp4 [--checkpoint DIR] [--steps 10]
+    python tools/animate_example.py --out /tmp/example.mp4 [--ref PORTRAIT] [--driving VIDEO] [--checkpoint DIR]
 
-Without `--checkpoint` it runs the tiny random-weight configuration (the output shows the pipeline, not a likeness).
+Without `--ref` / `--driving` it takes the example portrait and talking clip shipped in `a1_jax.examples`; without
+`--checkpoint` it runs the tiny random-weight configuration (the output shows the pipeline, not a likeness).
 It animates one clip (the reference's single-clip script: 47 frames at 12 fps) and prints a JSON summary. For a whole
 video in windows, `animator(ref, driving)` or `animator.frames(...)` do the same stages per window.
 """
@@ -17,6 +17,7 @@ import time
 import jax
 import numpy as np
 
+from a1_jax import examples
 from a1_jax.io.video import TARGET_FPS, write_video
 from a1_jax.motion.pipeline import render_control
 from a1_jax.sampling import Animator
@@ -25,8 +26,9 @@ from a1_jax.sampling.animator import plan_video
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ref", required=True)
-    parser.add_argument("--driving", required=True)
+    parser.add_argument("--ref", default=examples.portrait_path(), help="portrait (default: the shipped example)")
+    parser.add_argument("--driving", default=examples.driving_path(), help="driving video (default: the shipped "
+                                                                            "example)")
     parser.add_argument("--out", required=True)
     parser.add_argument("--checkpoint", help="release folder or `a1-jax convert` output (default: tiny, random)")
     parser.add_argument("--steps", type=int, default=10)
@@ -54,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict:
     frames = animator.decode(latents)[2:]
     write_video(args.out, frames, fps=TARGET_FPS)
     summary = {"out": args.out, "frames": len(frames), "fps": TARGET_FPS, "shape": list(frames.shape),
-               "seconds": round(time.perf_counter() - start, 3), "random_weights": animator.random_weights}
+               "seconds": round(time.perf_counter() - start, 3), "weights": animator.weights}
     print(json.dumps(summary))
     return summary
 

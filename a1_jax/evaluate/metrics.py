@@ -10,6 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 from a1_jax.motion.retarget import LEFT_EYE_CONTOUR, RIGHT_EYE_CONTOUR, RIGID_LANDMARKS
+# The angle conventions live with the other rotation helpers (motion tracks use them too); metrics keeps its names.
+from a1_jax.motion.retarget import rotation_from_yaw_pitch_roll_deg, yaw_pitch_roll_deg  # noqa: F401
 
 
 def pearson(a: np.ndarray, b: np.ndarray) -> float | None:
@@ -52,33 +54,6 @@ def pose_error_deg(generated: np.ndarray, driving: np.ndarray) -> np.ndarray:
     """Per frame: the angle in degrees between two relative head rotations `[T, 3, 3]`, in [0, 180]."""
     difference = np.einsum("tji,tjk->tik", np.asarray(generated, np.float64), np.asarray(driving, np.float64))
     return rotation_angle_deg(difference)
-
-
-def yaw_pitch_roll_deg(rotations: np.ndarray) -> np.ndarray:
-    """`[T, 3, 3]` -> `[T, 3]` (yaw, pitch, roll) in degrees, for `R = R_y(yaw) · R_x(pitch) · R_z(roll)`.
-
-    Image axes: yaw turns about the vertical axis, pitch about the horizontal one (nodding), roll about the line of
-    sight. Pitch lies in [-90, 90], yaw and roll in (-180, 180].
-    """
-    r = np.asarray(rotations, np.float64)
-    yaw = np.arctan2(r[:, 0, 2], r[:, 2, 2])
-    pitch = np.arcsin(np.clip(-r[:, 1, 2], -1.0, 1.0))
-    roll = np.arctan2(r[:, 1, 0], r[:, 1, 1])
-    return np.degrees(np.stack([yaw, pitch, roll], axis=1))
-
-
-def rotation_from_yaw_pitch_roll_deg(angles: np.ndarray) -> np.ndarray:
-    """Inverse of `yaw_pitch_roll_deg`: `[T, 3]` degrees -> `[T, 3, 3]`."""
-    yaw, pitch, roll = np.radians(np.asarray(angles, np.float64)).T
-    zero, one = np.zeros_like(yaw), np.ones_like(yaw)
-
-    def matrix(rows):
-        return np.stack([np.stack(row, axis=-1) for row in rows], axis=-2)
-
-    r_y = matrix([[np.cos(yaw), zero, np.sin(yaw)], [zero, one, zero], [-np.sin(yaw), zero, np.cos(yaw)]])
-    r_x = matrix([[one, zero, zero], [zero, np.cos(pitch), -np.sin(pitch)], [zero, np.sin(pitch), np.cos(pitch)]])
-    r_z = matrix([[np.cos(roll), -np.sin(roll), zero], [np.sin(roll), np.cos(roll), zero], [zero, zero, one]])
-    return r_y @ r_x @ r_z
 
 
 def inter_ocular_distance(points: np.ndarray) -> float:

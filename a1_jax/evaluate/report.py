@@ -18,7 +18,8 @@ import numpy as np
 from a1_jax.errors import UserError
 from a1_jax.evaluate import identity, metrics
 from a1_jax.evaluate.tracks import ALIGNMENTS, FaceTrack, Pairing, pair_frames, sampled_indices, track_video
-from a1_jax.io.video import probe_video, read_image
+from a1_jax.io.video import IMAGE_EXTENSIONS, check_output, probe_video, read_image
+from a1_jax.motion.reference import crop_and_resize
 from a1_jax.motion.landmarker import BLENDSHAPE_NAMES, Landmarker, find_landmarker_model
 
 # Blendshapes whose time course is correlated: the jaw, the blinks and the mouth corners.
@@ -50,12 +51,13 @@ def evaluate_video(ref: str, driving: str, generated: str, *, landmarker: str | 
     start = time.perf_counter()
     model = find_landmarker_model(landmarker)
     generated_info, _ = probe_video(generated), probe_video(driving)  # unreadable files fail before any detection
-    reference_image = read_image(ref)
+    # The portrait as the animator used it: its 480x720 canvas (a small face in a large photo is found there).
+    reference_image = crop_and_resize(read_image(ref))
     recognizer = identity.load_identity_model()  # starts its worker process now, beside the landmarker's start-up
     with Landmarker(model, video=False) as still:
         reference_face = still.detect(reference_image)
     if reference_face is None:
-        raise UserError(f"no face found in {ref}")
+        raise UserError(f"no face found in {ref} (on its 480x720 canvas, as animate crops it)")
 
     # Identity descriptors are computed by the worker while the landmark passes run here.
     descriptors = {}  # generated frame -> future descriptor
@@ -74,7 +76,7 @@ def evaluate_video(ref: str, driving: str, generated: str, *, landmarker: str | 
     drv = track_video(driving, model, generated=False, limit=len(gen) if align == "sequential" else None,
                       progress=progress)
     pairing = pair_frames(gen, drv, align)
-    scores = _pair_scores(gen, drv, pairing)
+    scores = _pair_scores(gen, drv, pairing) if len(pairing.generated) else None
     reference = descriptors.pop("reference", None)
     distances = {i: identity.distance(reference.result(), future.result()) for i, future in descriptors.items()}
 
@@ -85,22 +87,31 @@ def evaluate_video(ref: str, driving: str, generated: str, *, landmarker: str | 
         "generated_frames": gen.sampled, "driving_frames": drv.sampled,
         "generated_frames_without_face": int((~gen.found).sum()),
         "driving_frames_without_face": int((~drv.found).sum()),
-        "expression_l1": _num(scores["expression_l1"].mean()), "jaw_corr": _num(scores["curves"]["jawOpen"]),
-        "expression_corr": {name: _num(value) for name, value in scores["curves"].items()},
-        "pose_error_deg": _num(scores["pose_error_deg"].mean()),
-        "pose_corr": {axis: _num(metrics.pearson(scores["angles"][0][:, a], scores["angles"][1][:, a]))
-                      for a, axis in enumerate(POSE_AXES)},
-        "landmark_motion": _num(scores["landmark_motion"].mean()),
+        **_metric_summary(scores),
         "identity_distance": _mean(distances.values()), "identity_threshold": identity.THRESHOLD,
         "identity_frames": len(distances),
         "identity_same_person": _mean([float(v < identity.THRESHOLD) for v in distances.values()]),
     }
     summary.update({"identity_model": identity.MODEL_NAME} if recognizer is not None
                    else {"identity_note": identity.INSTALL_HINT})
-    # More than half of the candidate frames without a face: the averages describe a minority of the video.
-    summary["ok"] = 2 * frames >= frames + pairing.frames_without_face
+    # More than half of the candidate frames without a face (or none compared): the averages describe a minority of
+    # the video, or nothing.
+    summary["ok"] = frames > 0 and 2 * frames >= frames + pairing.frames_without_face
     summary["seconds"] = round(time.perf_counter() - start, 3)
     return summary, _frame_rows(gen, drv, pairing, scores, distances)
+
+
+def _metric_summary(scores: dict | None) -> dict:
+    """The averaged metrics of the compared pairs (all null when no pair had a face on both sides)."""
+    if scores is None:
+        return {"expression_l1": None, "jaw_corr": None, "expression_corr": {name: None for name in EXPRESSION_CURVES},
+                "pose_error_deg": None, "pose_corr": {axis: None for axis in POSE_AXES}, "landmark_motion": None}
+    return {"expression_l1": _num(scores["expression_l1"].mean()), "jaw_corr": _num(scores["curves"]["jawOpen"]),
+            "expression_corr": {name: _num(value) for name, value in scores["curves"].items()},
+            "pose_error_deg": _num(scores["pose_error_deg"].mean()),
+            "pose_corr": {axis: _num(metrics.pearson(scores["angles"][0][:, a], scores["angles"][1][:, a]))
+                          for a, axis in enumerate(POSE_AXES)},
+            "landmark_motion": _num(scores["landmark_motion"].mean())}
 
 
 def _pair_scores(gen: FaceTrack, drv: FaceTrack, pairing: Pairing) -> dict:
@@ -125,7 +136,7 @@ def _frame_rows(gen: FaceTrack, drv: FaceTrack, pairing: Pairing, scores: dict, 
     """One row per generated frame read; metric values are null where the frame was not compared."""
     paired = {int(i): k for k, i in enumerate(pairing.generated)}
     jaw = BLENDSHAPE_NAMES.index("jawOpen")
-    angles_gen, angles_drv = scores["angles"]
+    angles_gen, angles_drv = scores["angles"] if scores is not None else (None, None)
     rows = []
     for i in range(len(gen)):
         k = paired.get(i)
@@ -169,33 +180,22 @@ def read_batch(path: str) -> list[tuple[str, str, str]]:
 
 
 def mean_summary(summaries: list[dict]) -> dict:
-    """The batch's row: metrics averaged over videos (each video counts once, as in the reference's scripts),
-    frame counts added up."""
-    out = {"videos": len(summaries), "align": summaries[0]["align"]}
-    out.update({key: int(sum(s[key] for s in summaries)) for key in _SUMS})
-    out.update({key: _mean(s[key] for s in summaries) for key in _MEANS})
+    """The batch's row: metrics averaged over the videos measured (each counts once, as in the reference's scripts),
+    frame counts added up; a video that could not be measured (`error` in its row) counts in `failed`."""
+    measured = [s for s in summaries if "error" not in s]
+    out = {"videos": len(summaries), "failed": len(summaries) - len(measured),
+           "align": summaries[0].get("align", "sequential")}
+    out.update({key: int(sum(s[key] for s in measured)) for key in _SUMS})
+    out.update({key: _mean(s[key] for s in measured) for key in _MEANS})
     for key in _MEAN_DICTS:
-        out[key] = {name: _mean(s[key][name] for s in summaries) for name in summaries[0][key]}
+        names = EXPRESSION_CURVES if key == "expression_corr" else POSE_AXES
+        out[key] = {name: _mean(s[key][name] for s in measured) for name in names}
     out["identity_threshold"] = identity.THRESHOLD
     for key in ("identity_model", "identity_note"):
-        if key in summaries[0]:
-            out[key] = summaries[0][key]
+        if measured and key in measured[0]:
+            out[key] = measured[0][key]
     out["ok"] = all(s["ok"] for s in summaries)
     return out
-
-
-def _check_output(path: str | None, what: str, suffix: str) -> None:
-    if path is None:
-        return
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
-        raise UserError(f"output folder does not exist: {folder} (for {what} {path})")
-    if not path.lower().endswith(suffix):
-        raise UserError(f"{what} writes {suffix} files: name it *{suffix}, got {path}")
-    if os.path.isdir(path):
-        raise UserError(f"{what} {path} is a folder")
-    if not os.access(folder, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-        raise UserError(f"cannot write {path}: permission denied")
 
 
 def _write_json(path: str, content: dict) -> None:
@@ -221,8 +221,10 @@ def run_evaluate(args) -> dict:
     identity_frames = identity.DEFAULT_FRAMES if args.identity_frames is None else args.identity_frames
     if identity_frames < 0:
         raise UserError(f"--identity-frames must be 0 (every frame) or more, got {identity_frames}")
-    _check_output(args.out, "--out", ".json")
-    _check_output(args.plot, "--plot", ".png")
+    if args.out:
+        check_output(args.out, "--out", (".json",))
+    if args.plot:
+        check_output(args.plot, "--plot", IMAGE_EXTENSIONS)
     options = dict(landmarker=args.landmarker, align=args.align, identity_frames=identity_frames)
 
     if args.batch is None:
@@ -236,14 +238,18 @@ def run_evaluate(args) -> dict:
         return summary
 
     triples = read_batch(args.batch)
+    for number, triple in enumerate(triples, 1):  # every path before any video is read
+        for column, path in zip(BATCH_COLUMNS, triple):
+            if not os.path.isfile(path):
+                raise UserError(f"{args.batch} row {number}: {column} not found: {path}")
     videos = []
     from tqdm import tqdm
 
     for number, triple in enumerate(tqdm(triples, desc="videos", unit="video", leave=False, disable=None), 1):
         try:
             summary, rows = evaluate_video(*triple, **options)
-        except UserError as e:
-            raise UserError(f"{args.batch} row {number}: {e}") from None
+        except UserError as e:  # reported in its row; the other videos are still measured
+            summary, rows = {**dict(zip(BATCH_COLUMNS, triple)), "row": number, "error": str(e), "ok": False}, []
         videos.append({"summary": summary, "frames": rows})
     mean = mean_summary([video["summary"] for video in videos])
     mean["seconds"] = round(time.perf_counter() - start, 3)

@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 
-from a1_jax.errors import UserError
 from a1_jax.evaluate import metrics
 from a1_jax.io.video import TARGET_FPS, VideoInfo, probe_video, read_frames, resample_indices
 from a1_jax.motion.landmarker import BLENDSHAPE_NAMES, FaceLandmarks, Landmarker
@@ -56,7 +55,8 @@ def track_video(path: str, landmarker_model: str, *, generated: bool, limit: int
     """Landmarks of the 12-fps sampled frames of `path` (the first `limit` of them if given); `visit(i, frame,
     face)` sees each frame with a face.
 
-    UserError when the file cannot be decoded or no frame read shows a face.
+    UserError when the file cannot be decoded. A video without any face is a track with no face found (`found` all
+    False): a measurement, not a mistake (the summary says `ok: false`).
     """
     info = probe_video(path)
     all_indices = sampled_indices(info, generated)
@@ -86,8 +86,6 @@ def track_video(path: str, landmarker_model: str, *, generated: bool, limit: int
     if decoded < count:  # the container promised more frames than it holds: keep what was decoded
         indices, found, points, blendshapes, rotations = (a[:decoded] for a in
                                                           (indices, found, points, blendshapes, rotations))
-    if not found.any():
-        raise UserError(f"no face in any of the {len(found)} sampled frames of {path}: evaluation compares faces")
     return FaceTrack(path, len(all_indices), indices, found, points, blendshapes, rotations)
 
 
@@ -103,18 +101,20 @@ class Pairing:
 
 
 def pair_frames(generated: FaceTrack, driving: FaceTrack, align: str = "sequential") -> Pairing:
-    """Pair the two tracks; UserError when no pair has a face on both sides."""
+    """Pair the two tracks. No pair with a face on both sides gives an empty pairing (anchor (-1, -1)): the summary
+    then reports no metrics and `ok: false`."""
+    if align not in ALIGNMENTS:
+        raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
     if align == "sequential":
         count = min(len(generated), len(driving))
         both = np.flatnonzero(generated.found[:count] & driving.found[:count])
-        if not len(both):
-            raise UserError(f"no frame has a face in both {generated.path} and {driving.path} among the first "
-                            f"{count} sampled frames: pass --align nearest if the videos are not in step")
-        return Pairing(align, both, both.copy(), (int(both[0]), int(both[0])), count - len(both))
-    if align != "nearest":
-        raise ValueError(f"align must be one of {ALIGNMENTS}, got {align!r}")
+        anchor = (int(both[0]), int(both[0])) if len(both) else (-1, -1)
+        return Pairing(align, both, both.copy(), anchor, count - len(both))
     # Anchors: each video's first frame with a face; then the closest driving motion for every generated frame.
     generated_frames, driving_frames = np.flatnonzero(generated.found), np.flatnonzero(driving.found)
+    if not len(generated_frames) or not len(driving_frames):
+        empty = np.zeros(0, np.int64)
+        return Pairing(align, empty, empty.copy(), (-1, -1), len(generated))
     anchor = int(generated_frames[0]), int(driving_frames[0])
     generated_motion = metrics.landmark_motion(generated.points[generated_frames], generated.points[anchor[0]])
     driving_motion = metrics.landmark_motion(driving.points[driving_frames], driving.points[anchor[1]])

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import tempfile
+import warnings
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -14,6 +16,8 @@ import numpy as np
 from a1_jax.errors import UserError
 
 TARGET_FPS = 12  # the rate the reference samples driving videos at and writes its outputs with
+VIDEO_EXTENSIONS = (".mp4",)  # what `VideoWriter` writes: H.264 (yuv420p) in an MP4 container
+IMAGE_EXTENSIONS = (".png",)  # what `write_png` writes
 
 
 def _require_file(path: str, what: str) -> None:
@@ -113,6 +117,36 @@ def read_image(path: str) -> np.ndarray:
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
 
 
+def check_output(path: str, what: str, extensions: Sequence[str]) -> str:
+    """UserError unless `path` can take a new file of one of `extensions` (lower case, with the dot): the extension
+    picks the container, the folder exists, and a file can really be created there (a probe file, created and
+    removed: permission bits say nothing for root or for /proc and read-only mounts). Call it for every output before
+    any work; returns the path.
+
+    `what` names the output in messages (`"--out"`, `"preview video"`)."""
+    extension = os.path.splitext(path)[1].lower()
+    if extension not in extensions:
+        allowed = " or ".join(extensions)
+        found = f"'{extension}'" if extension else "no extension"
+        raise UserError(f"{what} {path}: the extension picks the format; use {allowed} (got {found})")
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise UserError(f"{what} {path}: the folder {directory} does not exist")
+    if os.path.isdir(path):
+        raise UserError(f"{what} {path} is a folder")
+    if os.path.lexists(path) and not os.path.isfile(path):
+        raise UserError(f"{what} {path} exists and is not a regular file")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise UserError(f"cannot write {what} {path}: permission denied")
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".a1_jax-probe-"):
+            pass
+    except OSError as e:
+        raise UserError(f"cannot write {what} {path}: no new file can be created in {directory} "
+                        f"({e.strerror or e})") from None
+    return path
+
+
 def write_png(path: str, frame: np.ndarray) -> None:
     """Lossless RGB frame (mp4 blurs the 1-px coloured lines of a control frame; PNG keeps them exact)."""
     import cv2
@@ -130,17 +164,10 @@ class VideoWriter:
     any work.
     """
 
-    def __init__(self, path: str, fps: float = TARGET_FPS, quality: float = 8):
+    def __init__(self, path: str, fps: float = TARGET_FPS, quality: float = 8, *, what: str = "output video"):
+        check_output(path, what, VIDEO_EXTENSIONS)
         directory, name = os.path.split(os.path.abspath(path))
-        if not os.path.isdir(directory):
-            raise UserError(f"output folder does not exist: {directory}")
         stem, extension = os.path.splitext(name)
-        if not extension:
-            raise UserError(f"output video {path} needs a file extension (.mp4) to pick its container")
-        if os.path.isdir(path):
-            raise UserError(f"output video {path} is a folder")
-        if not os.access(directory, os.W_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
-            raise UserError(f"cannot write {path}: permission denied")
         self.path, self.fps, self.quality = path, fps, quality
         self._partial = os.path.join(directory, f".{stem}.partial{extension}")  # same extension: same container
         self._writer = None
@@ -158,7 +185,11 @@ class VideoWriter:
                 self._partial, (width, height), fps=self.fps, codec="libx264", pix_fmt_out="yuv420p",
                 quality=self.quality, macro_block_size=1, ffmpeg_log_level="error",
                 output_params=["-preset", "veryfast"])  # 2x faster than medium, same size on mostly-black frames
-            self._writer.send(None)  # start the generator
+            with warnings.catch_warnings():
+                # ffmpeg starts with subprocess, which forks and execs at once: JAX's threads are never touched in
+                # the child, so JAX's fork warning is noise, for the CLI and every script that writes a video.
+                warnings.filterwarnings("ignore", message=r"os\.fork\(\) was called", category=RuntimeWarning)
+                self._writer.send(None)  # start the generator (and ffmpeg)
         elif (height, width) != self._size:
             raise ValueError(f"frame size changed from {self._size} to {(height, width)}")
         self._writer.send(np.ascontiguousarray(frame, dtype=np.uint8))

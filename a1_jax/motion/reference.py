@@ -63,6 +63,7 @@ class ReferenceFace:
     box: Box
     normalised: np.ndarray  # [478, 3] landmarks in crop coordinates: x, y in [0, 1], z on the x scale
     transform: np.ndarray  # [4, 4] facial transformation matrix of the crop detection
+    blendshapes: np.ndarray  # [52] MediaPipe's scores of the same detection (the face rig's anchor)
 
     @property
     def points(self) -> np.ndarray:
@@ -84,8 +85,8 @@ def prepare_reference(image: np.ndarray, landmarker: Landmarker, name: str = "th
     crop_face = landmarker.detect(resized)
     if crop_face is not None:
         normalised = crop_face.points / LANDMARK_CROP_SIZE
-        transform = crop_face.transform
     else:  # the crop lost the face (rare: tight borders); the canvas detection is as good a source
         normalised = (face.points - (box.x1, box.y1, 0.0)) / (box.width, box.height, box.width)
-        transform = face.transform
-    return ReferenceFace(canvas=canvas, box=box, normalised=normalised.astype(np.float64), transform=transform)
+    source = crop_face if crop_face is not None else face
+    return ReferenceFace(canvas=canvas, box=box, normalised=normalised.astype(np.float64), transform=source.transform,
+                         blendshapes=source.blendshapes)

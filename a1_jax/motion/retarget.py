@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 # Camera space of the transformation matrix is y up, z towards the viewer; landmark pixels are y down, z away.
-_CAMERA_TO_IMAGE = np.diag([1.0, -1.0, -1.0])
+CAMERA_TO_IMAGE = np.diag([1.0, -1.0, -1.0])
 
 # Landmarks that move with the skull, not with the expression: forehead, nose bridge and tip, eye corners, temples.
 RIGID_LANDMARKS = np.array([10, 151, 9, 8, 168, 6, 197, 195, 5, 4, 1, 33, 133, 362, 263, 127, 356, 234, 454])
@@ -45,7 +45,7 @@ def rotation_from_transform(transform: np.ndarray) -> np.ndarray:
     rotation = u @ vt
     if np.linalg.det(rotation) < 0:
         rotation = u @ np.diag([1.0, 1.0, -1.0]) @ vt
-    return _CAMERA_TO_IMAGE @ rotation @ _CAMERA_TO_IMAGE
+    return CAMERA_TO_IMAGE @ rotation @ CAMERA_TO_IMAGE
 
 
 def rotvec_from_matrix(rotation: np.ndarray) -> np.ndarray:
@@ -54,6 +54,33 @@ def rotvec_from_matrix(rotation: np.ndarray) -> np.ndarray:
 
 def matrix_from_rotvec(rotvec: np.ndarray) -> np.ndarray:
     return cv2.Rodrigues(np.asarray(rotvec, np.float64).reshape(3, 1))[0]
+
+
+def yaw_pitch_roll_deg(rotations: np.ndarray) -> np.ndarray:
+    """`[T, 3, 3]` -> `[T, 3]` (yaw, pitch, roll) in degrees, for `R = R_y(yaw) · R_x(pitch) · R_z(roll)`.
+
+    Image axes: yaw turns about the vertical axis, pitch about the horizontal one (nodding), roll about the line of
+    sight. Pitch lies in [-90, 90], yaw and roll in (-180, 180].
+    """
+    r = np.asarray(rotations, np.float64)
+    yaw = np.arctan2(r[:, 0, 2], r[:, 2, 2])
+    pitch = np.arcsin(np.clip(-r[:, 1, 2], -1.0, 1.0))
+    roll = np.arctan2(r[:, 1, 0], r[:, 1, 1])
+    return np.degrees(np.stack([yaw, pitch, roll], axis=1))
+
+
+def rotation_from_yaw_pitch_roll_deg(angles: np.ndarray) -> np.ndarray:
+    """Inverse of `yaw_pitch_roll_deg`: `[T, 3]` degrees -> `[T, 3, 3]`."""
+    yaw, pitch, roll = np.radians(np.asarray(angles, np.float64)).T
+    zero, one = np.zeros_like(yaw), np.ones_like(yaw)
+
+    def matrix(rows):
+        return np.stack([np.stack(row, axis=-1) for row in rows], axis=-2)
+
+    r_y = matrix([[np.cos(yaw), zero, np.sin(yaw)], [zero, one, zero], [-np.sin(yaw), zero, np.cos(yaw)]])
+    r_x = matrix([[one, zero, zero], [zero, np.cos(pitch), -np.sin(pitch)], [zero, np.sin(pitch), np.cos(pitch)]])
+    r_z = matrix([[np.cos(roll), -np.sin(roll), zero], [np.sin(roll), np.cos(roll), zero], [zero, zero, one]])
+    return r_y @ r_x @ r_z
 
 
 def smooth_rotvecs(rotvecs: np.ndarray, alpha: float = SMOOTHING) -> np.ndarray:

@@ -1,5 +1,15 @@
-"""Inference: the Animator (conditions, the jitted denoising loop, long-video windows) and `a1-jax animate`."""
+"""Inference: the Animator (conditions, the jitted denoising loop, long-video windows) and `a1-jax animate`.
 
-from a1_jax.sampling.animator import Animator
+`Animator` is imported on first use, so the command line's checks (`sampling.preflight`) run before JAX loads."""
+
+from typing import Any
 
 __all__ = ["Animator"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Animator":
+        from a1_jax.sampling.animator import Animator
+
+        return Animator
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import os
-import time
 from typing import Any, Callable, Iterator
 
 import jax
@@ -38,12 +36,15 @@ import numpy as np
 from a1_jax import conditions as cond
 from a1_jax import diffusion, parallel
 from a1_jax.errors import UserError
+from a1_jax.interpolate import Interpolator
 from a1_jax.io.video import read_image
 from a1_jax.models import vae
 from a1_jax.motion import face_align
 from a1_jax.motion.draw import CANVAS_HEIGHT, CANVAS_WIDTH
-from a1_jax.motion.pipeline import MotionPlan, plan_motion, render_control
+from a1_jax.motion.pipeline import MotionPlan, plan_driver, render_control
 from a1_jax.motion.reference import crop_and_resize
+from a1_jax.motion.track import MotionTrack
+from a1_jax.progress import Stages
 from a1_jax.sampling import denoise as loop
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
@@ -77,27 +78,45 @@ class Report:
     """What `frames` did: filled in while it runs, complete when the generator is exhausted."""
 
     frames: int = 0  # written so far
-    expected_frames: int = 0  # one per 12-fps driving frame (47 for a single clip), known once planned
+    expected_frames: int = 0  # one per 12-fps driving frame used (47 for a single clip), known once planned
     windows: int = 0
     faces_found: int = 0
-    frames_filled: int = 0
+    missing_face: str = "drop"
+    frames_without_face: tuple[int, ...] = ()  # 12-fps driving frames without a face (dropped or filled)
     reference: Reference | None = None
     motion: MotionPlan | None = None
-    stage_seconds: dict[str, float] = dataclasses.field(
-        default_factory=lambda: {"landmarks": 0.0, "conditions": 0.0, "denoise": 0.0, "decode": 0.0})
+    sample_times: np.ndarray | None = None  # per output frame: the source second it shows (where its audio is)
+    stage_seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+class NonFiniteLatents(RuntimeError):
+    """The denoising loop produced NaN or Inf: the weights or the inputs are broken; nothing is decoded."""
 
 
 class Animator:
     """SkyReels-A1 inference. Build with `from_pretrained` (a checkpoint) or `from_config` (seeded random weights)."""
 
     def __init__(self, configs: checkpoint.ModelConfigs, networks: checkpoint.Networks, params: dict[str, Any], *,
-                 mesh: jax.sharding.Mesh | None = None, rules: parallel.Rules = (), random_weights: bool = False):
+                 mesh: jax.sharding.Mesh | None = None, rules: parallel.Rules = (),
+                 weights: dict[str, str] | None = None):
         self.configs, self.networks, self.params = configs, networks, params
-        self.mesh, self.rules, self.random_weights = mesh, rules, random_weights
+        self.mesh, self.rules = mesh, rules
+        # Where each network's weights come from (`checkpoint.weight_sources`), e.g. a trained DiT beside a random VAE.
+        self.weights = dict(weights or {name: "given" for name in checkpoint.NETWORKS})
         self.dtype = jnp.dtype(networks.transformer.dtype)
         self._step_listener: Callable[[int], None] | None = None
         self._denoise = jax.jit(self._traced_denoise, static_argnames=("use_cfg", "on_step"))
         self.traces = 0  # how many times the denoising loop was traced: once per geometry and step count
+
+    @property
+    def random_networks(self) -> list[str]:
+        """The networks running on random weights (their output shows the pipeline, not a likeness)."""
+        return [name for name, source in self.weights.items() if checkpoint.is_random(source)]
+
+    @property
+    def random_weights(self) -> bool:
+        """True when any network is random: then the picture is not a likeness, whatever else was trained."""
+        return bool(self.random_networks)
 
     def _traced_denoise(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
         self.traces += 1  # runs only while tracing
@@ -107,13 +126,13 @@ class Animator:
 
     @classmethod
     def _build(cls, folder: str, dtype: str | None, mesh: str | None, attention_kernel: str,
-               load: Callable[[checkpoint.Networks, Any], dict], random_weights: bool) -> "Animator":
+               load: Callable[[checkpoint.Networks, Any], dict], weights: dict[str, str]) -> "Animator":
         configs = checkpoint.ModelConfigs.from_folder(folder)
         networks = checkpoint.build_networks(configs, jnp.dtype(dtype or default_dtype()),
                                              attention_kernel=attention_kernel)
         mesh, rules = _mesh(mesh)
         params = load(networks, checkpoint.param_shardings(networks, mesh, rules))
-        return cls(configs, networks, params, mesh=mesh, rules=rules, random_weights=random_weights)
+        return cls(configs, networks, params, mesh=mesh, rules=rules, weights=weights)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
@@ -125,14 +144,16 @@ class Animator:
         JSON path; default one device."""
         path = os.fspath(path)
         return cls._build(path, dtype, mesh, attention_kernel,
-                          lambda networks, shardings: checkpoint.load_params(path, networks, shardings), False)
+                          lambda networks, shardings: checkpoint.load_params(path, networks, shardings),
+                          checkpoint.weight_sources(path))
 
     @classmethod
     def from_config(cls, config: str = "tiny", *, seed: int = 0, dtype: str | None = None,
                     mesh: str | None = None, attention_kernel: str = "auto") -> "Animator":
         """Seeded random weights for the configs of `config` (`tiny`, or a folder of release-layout configs)."""
         return cls._build(checkpoint.model_config_folder(config), dtype, mesh, attention_kernel,
-                          lambda networks, shardings: checkpoint.init_params(networks, seed, shardings), True)
+                          lambda networks, shardings: checkpoint.init_params(networks, seed, shardings),
+                          {name: checkpoint.random_source(seed) for name in checkpoint.NETWORKS})
 
     @contextlib.contextmanager
     def _on_mesh(self):
@@ -199,11 +220,13 @@ class Animator:
         with self._on_mesh():
             return self._denoise(self.params["transformer"], *inputs, use_cfg=guidance > 1, on_step=self._on_step)
 
-    def decode(self, latents: jax.Array) -> np.ndarray:
-        """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (tiled VAE decode, diffusers' postprocessing)."""
+    def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (tiled VAE decode, diffusers' postprocessing).
+        `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
         with self._on_mesh():
             z = cond.from_dit_layout(latents.astype(self.dtype) / self.configs.vae.scaling_factor)
-            video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=True)
+            video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=True,
+                               progress=progress)
         video = np.asarray(jnp.clip(video[0].astype(jnp.float32) / 2 + 0.5, 0, 1))
         return np.rint(video * 255).astype(np.uint8)
 
@@ -214,86 +237,102 @@ class Animator:
 
     # --- whole videos -------------------------------------------------------------------------------------------------
 
-    def frames(self, image: np.ndarray | str, driving: str, *, steps: int = 10, guidance: float = 3.0, seed: int = 0,
-               single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
-               report: Report | None = None, progress: bool = False,
-               plan: "VideoPlan | None" = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    def frames(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0,
+               seed: int = 0, single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
+               missing_face: str = "drop", report: Report | None = None, progress: bool = False,
+               plan: "VideoPlan | None" = None, stages: Stages | None = None,
+               seam: Interpolator | None = None) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """`(output frame, control frame)` pairs, one per 12-fps driving frame (47 with `single_clip`, as the
-        reference's single-clip script), streamed window by window. `report` is filled in as it goes. `plan`: from
-        `plan_video` (then `image`, `driving`, `single_clip`, `max_frames` and `landmarker` are not used)."""
+        reference's single-clip script), streamed window by window; `driving`: a video path or a `MotionTrack`.
+        `report` is filled in as it goes. `plan`: from
+        `plan_video` (then `image`, `driving`, `single_clip`, `max_frames`, `landmarker` and `missing_face` are not
+        used). `stages` times the stages and shows them (default: a status line of its own when `progress`). `seam`:
+        how windows join (`windows.stitch`; default: `flow` interpolation).
+
+        Raises `NonFiniteLatents` (before decoding) when a window's latents hold NaN or Inf."""
         report = report if report is not None else Report()
         self.schedule(steps)  # a bad step count fails before any work
-        if plan is None:
-            plan = plan_video(self.configs, image, driving, single_clip=single_clip, max_frames=max_frames,
-                              landmarker=landmarker, progress=progress)
-        report.stage_seconds["landmarks"] += plan.seconds
-        reference, motion = plan.reference, plan.motion
-        report.reference, report.motion = reference, motion
-        report.faces_found, report.frames_filled = motion.faces_found, motion.frames_filled
-
-        window = self.configs.clip_frames - 1
-        num_driving = len(motion.order)
-        single_clip = plan.single_clip
-        windows = (WindowPlan(num_driving=window, window=window, overlap=0) if single_clip else
-                   WindowPlan(num_driving=num_driving, window=window, overlap=loop.OVERLAP_FRAMES))
-        report.windows = len(windows.starts)
-        report.expected_frames = window + 1 - SINGLE_CLIP_DROP if single_clip else num_driving
-        bars = _Bars(progress, windows=report.windows, steps=steps)
-        self._step_listener = bars.step
+        own_stages = stages is None
+        stages = Stages("animate", enabled=progress) if own_stages else stages
+        report.stage_seconds = stages.seconds
         try:
-            pairs = self._windows(reference, motion, windows, steps, guidance, seed, report, bars)
-            if single_clip:
+            if plan is None:
+                with stages("landmarks"):
+                    plan = plan_video(self.configs, image, driving, single_clip=single_clip, max_frames=max_frames,
+                                      landmarker=landmarker, missing_face=missing_face,
+                                      progress=lambda done, total: stages.advance(done, total, "frames"))
+            reference, motion = plan.reference, plan.motion
+            report.reference, report.motion = reference, motion
+            report.faces_found, report.missing_face = motion.faces_found, motion.missing_face
+            report.frames_without_face = motion.frames_without_face
+
+            window = self.configs.clip_frames - 1
+            windows = (WindowPlan(num_driving=window, window=window, overlap=0) if plan.single_clip else
+                       WindowPlan(num_driving=len(motion.order), window=window, overlap=loop.OVERLAP_FRAMES))
+            report.windows = len(windows.starts)
+            report.expected_frames = window + 1 - SINGLE_CLIP_DROP if plan.single_clip else len(motion.order)
+            # Output frame j shows control frame j + SINGLE_CLIP_DROP of the clip (driving frame order[j + 1]), or j.
+            shown = (motion.order[SINGLE_CLIP_DROP - 1:][:report.expected_frames] if plan.single_clip
+                     else motion.order)
+            report.sample_times = motion.sample_times[shown]
+            pairs = self._windows(reference, motion, windows, steps, guidance, seed, stages)
+            if plan.single_clip:
                 decoded, control = next(pairs)
                 pairs = zip(decoded[SINGLE_CLIP_DROP:], control[SINGLE_CLIP_DROP:])
             else:
-                pairs = stitch(windows, pairs)
+                pairs = stitch(windows, pairs, seam=seam)
             for pair in pairs:
                 report.frames += 1
                 yield pair
         finally:
             self._step_listener = None
-            bars.close()
+            if own_stages:
+                stages.close()
 
     def _windows(self, reference: Reference, motion: MotionPlan, plan: WindowPlan, steps: int, guidance: float,
-                 seed: int, report: Report, bars: "_Bars") -> Iterator[tuple[np.ndarray, np.ndarray]]:
+                 seed: int, stages: Stages) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Each window's decoded frames and control frames, both `[1 + window, H, W, 3]`."""
-        timer = _StageTimer(report.stage_seconds)
-        with timer("conditions"):
+        count = len(plan.starts)
+        with stages("conditions"):
             encoded = self.encode_reference(reference.canvas, reference.face)
         control = render_control(motion)
         first = next(control)  # the reference's own landmarks: frame 0 of every window
         driving: list[np.ndarray] = []  # rendered driving control frames from `base` on
         base, tails, key = 0, None, jax.random.key(seed)
         for k, start in enumerate(plan.starts):
+            where = f"window {k + 1}/{count}: " if count > 1 else ""
             indices = plan.indices(start)
-            while base + len(driving) <= indices[-1]:
-                driving.append(next(control))
-            frames = np.stack([first] + [driving[i - base] for i in indices])
-            window_key, image_key = jax.random.split(jax.random.fold_in(key, k))
-            with timer("conditions"):
+            with stages("conditions"):
+                stages.note(where.rstrip(": "))
+                while base + len(driving) <= indices[-1]:
+                    driving.append(next(control))
+                frames = np.stack([first] + [driving[i - base] for i in indices])
+                window_key, image_key = jax.random.split(jax.random.fold_in(key, k))
                 conditions = self.conditions(encoded, frames, image_key)
                 jax.block_until_ready(conditions)
-            bars.conditions.update()
-            with timer("denoise"):
-                bars.new_window()
+            with stages("denoise"):
+                self._step_listener = lambda i: stages.advance(i + 1, steps, f"{where}steps".replace(": ", " · "))
                 overlap = None if tails is None else loop.Overlap.after(tails)
                 latents, tails = self.denoise(conditions, steps=steps, guidance=guidance, key=window_key,
                                               overlap=overlap)
-                jax.block_until_ready(latents)
-            with timer("decode"):
-                decoded = self.decode(latents)
-            bars.decode.update()
+                if not bool(jnp.isfinite(latents).all()):
+                    raise NonFiniteLatents(f"the denoised latents of window {k + 1} of {count} hold NaN or Inf: the "
+                                           "weights or the inputs are broken; nothing was decoded")
+            with stages("decode"):
+                decoded = self.decode(latents, progress=lambda done, total: stages.advance(
+                    done, total, f"{where}chunks".replace(": ", " · ")))
             yield decoded, frames
             drop = max(0, min(plan.stride, len(driving)))  # the next window starts `stride` frames later
             driving, base = driving[drop:], base + drop
 
-    def __call__(self, image: np.ndarray | str, driving: str, *, steps: int = 10, guidance: float = 3.0,
+    def __call__(self, image: np.ndarray | str, driving: str | MotionTrack, *, steps: int = 10, guidance: float = 3.0,
                  seed: int = 0, single_clip: bool = False, max_frames: int | None = None,
-                 landmarker: str | None = None) -> np.ndarray:
-        """The animated frames, uint8 `[N, H, W, 3]` at 12 fps (one per 12-fps driving frame; 47 with `single_clip`)."""
+                 landmarker: str | None = None, missing_face: str = "drop") -> np.ndarray:
+        """The animated frames, uint8 `[N, H, W, 3]` at 12 fps (one per 12-fps driving frame with a face; 47 with
+        `single_clip`)."""
         return np.stack([frame for frame, _ in self.frames(image, driving, steps=steps, guidance=guidance, seed=seed,
                                                            single_clip=single_clip, max_frames=max_frames,
-                                                           landmarker=landmarker)])
+                                                           landmarker=landmarker, missing_face=missing_face)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -303,23 +342,27 @@ class VideoPlan:
     reference: Reference
     motion: MotionPlan
     single_clip: bool
-    seconds: float
 
 
-def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, driving: str, *, single_clip: bool = False,
-               max_frames: int | None = None, landmarker: str | None = None, progress: bool = False) -> VideoPlan:
-    """The canvas, the aligned face and the motion plan of a video (it needs the configs only, so a bad portrait
-    or driving video fails before any weights are loaded)."""
-    start = time.perf_counter()
+def plan_video(configs: checkpoint.ModelConfigs, image: np.ndarray | str, driving: str | MotionTrack, *,
+               single_clip: bool = False, max_frames: int | None = None, landmarker: str | None = None,
+               missing_face: str = "drop", progress: bool | Callable[[int, int], None] = False) -> VideoPlan:
+    """The canvas, the aligned face and the motion plan of a video or a motion track (it needs the configs only, so
+    a bad portrait or driving video fails before any weights are loaded). The one place a motion source becomes a
+    plan.
+
+    `missing_face`: `drop` the driving frames without a face (the reference's long-video script) or `fill` them from
+    their neighbours. `progress`: a bar on the terminal, or `progress(done, total)` per driving frame."""
     if configs.canvas != (CANVAS_HEIGHT, CANVAS_WIDTH):
         raise UserError(f"this checkpoint's transformer expects {configs.canvas[0]}x{configs.canvas[1]} frames; the "
                         f"motion branch draws {CANVAS_HEIGHT}x{CANVAS_WIDTH} control frames")
     name, pixels = _image(image)
-    motion = plan_motion(pixels, os.fspath(driving), landmarker_path=landmarker,
+    driving = driving if isinstance(driving, MotionTrack) else os.fspath(driving)
+    motion = plan_driver(pixels, driving, landmarker_path=landmarker,
                          max_frames=configs.clip_frames if single_clip else None, progress=progress,
-                         reference_name=name, max_driving_frames=max_frames)
+                         reference_name=name, max_driving_frames=max_frames, missing_face=missing_face)
     return VideoPlan(reference=_aligned(motion.reference.canvas, name, landmarker), motion=motion,
-                     single_clip=single_clip, seconds=time.perf_counter() - start)
+                     single_clip=single_clip)
 
 
 def _aligned(canvas: np.ndarray, name: str, landmarker: str | None) -> Reference:
@@ -339,43 +382,3 @@ def _mesh(mesh: str | None) -> tuple[jax.sharding.Mesh, parallel.Rules]:
     preset = parallel.load_preset(mesh or "single")
     devices = jax.devices()[:1] if mesh in (None, "single") else None
     return parallel.make_mesh(preset, devices), preset.rules
-
-
-class _StageTimer:
-    """Adds wall seconds per stage into a dict."""
-
-    def __init__(self, seconds: dict[str, float]):
-        self.seconds = seconds
-
-    @contextlib.contextmanager
-    def __call__(self, stage: str):
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[stage] += time.perf_counter() - start
-
-
-class _Bars:
-    """The progress bars of `frames` (conditions, steps, decode per window); they show on a terminal only."""
-
-    def __init__(self, enabled: bool, windows: int, steps: int):
-        from tqdm import tqdm
-
-        bar = functools.partial(tqdm, disable=None if enabled else True, leave=False)
-        self.conditions = bar(total=windows, desc="conditions", unit="window", position=0)
-        self.steps = bar(total=windows * steps, desc="steps", unit="step", position=1)
-        self.decode = bar(total=windows, desc="decode", unit="window", position=2)
-        self._last_step: int | None = None
-
-    def new_window(self) -> None:
-        self._last_step = None
-
-    def step(self, index: int) -> None:
-        if index != self._last_step:  # on a multi-device mesh the callback may run once per device
-            self._last_step = index
-            self.steps.update()
-
-    def close(self) -> None:
-        for bar in (self.conditions, self.steps, self.decode):
-            bar.close()

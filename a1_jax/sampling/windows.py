@@ -4,9 +4,11 @@ A window holds the reference's landmark frame followed by `window` driving frame
 clips); window k starts at driving frame `stride·k` (stride = window − overlap = 40) and the last window is padded by
 repeating the last driving frame. Windows stop at the first one that reaches the end, as the reference's loop does.
 
-Stitching: window 0 gives its frames `1 …`; a later window gives frames from `1 + overlap` on. Where the reference
-smooths each seam with FILM interpolation, we cross-fade: the last `crossfade` frames of the overlap, which both
-windows rendered, go linearly from the earlier window's rendering to the later one's.
+Stitching: window 0 gives its frames `1 …`; a later window gives frames from `1 + overlap` on. The reference smooths
+each seam with FILM; we interpolate over the last `seam_frames` frames of the overlap (all 8 by default), which both
+windows rendered: seam frame j (of n) is the frame at t = (j + 1) / (n + 1) between the earlier window's rendering of
+that driving frame and the later one's. With the `flow` interpolator a head the windows placed differently moves
+across; with `blend` this is the plain cross-fade (both renderings faded, edges doubled).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
-CROSSFADE_FRAMES = 4
+from a1_jax.interpolate import Interpolator, make_interpolator
+
+SEAM_FRAMES = 8  # the release's whole overlap: the more frames, the smaller each step from one window to the other
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,23 +53,23 @@ class WindowPlan:
         return np.minimum(np.arange(start, start + self.window), self.num_driving - 1)
 
 
-def stitch(plan: WindowPlan, windows: Iterable[tuple[np.ndarray, np.ndarray]],
-           crossfade: int = CROSSFADE_FRAMES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+def stitch(plan: WindowPlan, windows: Iterable[tuple[np.ndarray, np.ndarray]], seam: Interpolator | None = None,
+           seam_frames: int = SEAM_FRAMES) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """`(output frame, control frame)` for every driving frame, in order, from each window's decoded frames and
-    control frames (both `[1 + window, H, W, 3]` uint8, frame 0 the reference's). Holds at most `crossfade` frames
+    control frames (both `[1 + window, H, W, 3]` uint8, frame 0 the reference's). `seam`: the interpolator between
+    the two renderings of a seam frame (default `flow`; `blend` cross-fades). Holds at most `seam_frames` frames
     back, so memory does not grow with the video."""
-    crossfade = min(crossfade, plan.overlap)
+    seam = make_interpolator("flow") if seam is None else seam
+    seam_frames = min(seam_frames, plan.overlap)
     starts = plan.starts
-    held: list[np.ndarray] = []  # the earlier window's rendering of the next seam's cross-fade frames
+    held: list[np.ndarray] = []  # the earlier window's rendering of the next seam's frames
     for k, (decoded, control) in enumerate(windows):
         start, last = starts[k], k == len(starts) - 1
         first = 0 if k == 0 else plan.overlap  # the first frame of this window nobody emitted yet
         for j, earlier in enumerate(held):
             m = first - len(held) + j  # this window's rendering of the same driving frame
-            alpha = (j + 1) / (len(held) + 1)
-            mixed = np.rint((1 - alpha) * earlier.astype(np.float32) + alpha * decoded[1 + m].astype(np.float32))
-            yield mixed.astype(np.uint8), control[1 + m]
-        keep = plan.window if last else plan.window - crossfade
+            yield seam(earlier, decoded[1 + m], [(j + 1) / (len(held) + 1)])[0], control[1 + m]
+        keep = plan.window if last else plan.window - seam_frames
         stop = min(keep, plan.num_driving - start)  # padding of the last window is dropped
         for m in range(first, stop):
             yield decoded[1 + m], control[1 + m]

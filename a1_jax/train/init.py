@@ -82,6 +82,16 @@ def base_model(config: TrainConfig, mesh: jax.sharding.Mesh, rules: parallel.Rul
     return BaseModel(configs=configs, config_folder=folder, networks=networks, params=params, report=report)
 
 
+def weight_sources(base: BaseModel, config: TrainConfig) -> dict[str, str]:
+    """Where each network of the base model came from, for its checkpoint's marker (`animate` reports it)."""
+    weights = config.model.weights
+    sources = (ckpt.weight_sources(weights) if weights else
+               {name: ckpt.random_source(config.model.seed) for name in ckpt.NETWORKS})
+    if config.model.init_transformer:
+        sources["transformer"] = f"imported {config.model.init_transformer}"
+    return sources
+
+
 def grow_input_channels(kernel: np.ndarray, channels: int, latent: int) -> np.ndarray:
     """A patch kernel `[p, p, C_src, D]` -> `[p, p, channels, D]` laid out `[noise | pose | image]`, new channels
     zero: C_src = latent (noise) or 2·latent (noise | image)."""

@@ -146,15 +146,16 @@ def write_config(workdir: str, config: train_config.TrainConfig) -> None:
     parallel.barrier("a1_jax.train.config")
 
 
-def write_model(model_dir: str, base: init.BaseModel) -> None:
+def write_model(model_dir: str, base: init.BaseModel, sources: dict[str, str]) -> None:
     """Our checkpoint of the model the run starts from, written as `model.partial` (every process writes its shards)
-    and renamed to `model/` once complete; what an interrupted run left is removed first."""
+    and renamed to `model/` once complete; what an interrupted run left is removed first. `sources`: where each
+    network came from (`init.weight_sources`), kept in its marker."""
     partial = model_dir + PARTIAL
     if jax.process_index() == 0:
         for leftover in (partial, model_dir):  # model/ without its marker: an older, interrupted save
             shutil.rmtree(leftover, ignore_errors=True)
     parallel.barrier("a1_jax.train.model.clean")
-    ckpt.save_checkpoint(partial, base.config_folder, base.params)
+    ckpt.save_checkpoint(partial, base.config_folder, base.params, sources=sources)
     parallel.barrier("a1_jax.train.model.saved")
     if jax.process_index() == 0:
         os.rename(partial, model_dir)
@@ -355,7 +356,7 @@ def setup(config: train_config.TrainConfig, data_dir: str, workdir: str, mesh_na
     if not resumed:
         write_config(workdir, config)
     if not have_model:
-        write_model(model_dir, base)
+        write_model(model_dir, base, init.weight_sources(base, config))
     del base.params["transformer"]
     compute = jnp.dtype(config.compute.dtype)
     networks = _compute_networks(base.networks, compute)

@@ -297,6 +297,34 @@ def load_params(folder: str | os.PathLike, networks: Networks, shardings: Any = 
     return _load_release(folder, networks, shardings)
 
 
+def random_source(seed: int) -> str:
+    """How `weight_sources` names seeded random weights (`is_random` recognises it)."""
+    return f"random (seed {seed})"
+
+
+def is_random(source: str) -> bool:
+    return source.startswith("random")
+
+
+def weight_sources(folder: str | os.PathLike) -> dict[str, str]:
+    """Where each network's weights in a checkpoint folder come from, as far as the folder says: a release's are
+    `"release <folder>"`; ours are what its marker recorded (a training run's base model records `random (seed N)`
+    for networks it initialised), else `"checkpoint <folder>"`; a workdir's transformer is `"trained (step N, ema)"`
+    once a step is saved."""
+    folder = os.fspath(folder)
+    if is_workdir(folder):
+        sources = weight_sources(os.path.join(folder, WORKDIR_MODEL))
+        found = trained_step(folder)
+        if found is not None:
+            sources["transformer"] = f"trained (step {found[0]}, {found[1]}) in {folder}"
+        return sources
+    if is_converted(folder):
+        with open(os.path.join(folder, MARKER), encoding="utf-8") as f:
+            recorded = json.load(f).get("sources", {})
+        return {name: recorded.get(name, f"checkpoint {folder}") for name in NETWORKS}
+    return {name: f"release {folder}" for name in NETWORKS}
+
+
 # --- A training workdir ---------------------------------------------------------------------------------------------
 
 
@@ -364,9 +392,11 @@ def prepare_output_folder(out: str) -> None:
         raise UserError(f"cannot write to {parent}")
 
 
-def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, params: Mapping[str, Any]) -> None:
+def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, params: Mapping[str, Any],
+                    sources: Mapping[str, str] | None = None) -> None:
     """Writes our checkpoint: the configs of `config_folder` and `params` as one Orbax checkpoint. The marker file
-    is written last, so a folder without it is an interrupted save, never mistaken for a checkpoint."""
+    is written last, so a folder without it is an interrupted save, never mistaken for a checkpoint. `sources`: where
+    each network's weights came from (`"random (seed 0)"`, a path), kept in the marker for `weight_sources`."""
     import orbax.checkpoint as ocp
 
     out = os.path.abspath(os.fspath(out))
@@ -376,7 +406,10 @@ def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, pa
         checkpointer.save(os.path.join(out, PARAMS), dict(params))
         checkpointer.wait_until_finished()
     with open(os.path.join(out, MARKER), "w", encoding="utf-8") as f:
-        json.dump({"format": "a1_jax", "version": FORMAT_VERSION, "networks": list(NETWORKS)}, f, indent=2)
+        marker = {"format": "a1_jax", "version": FORMAT_VERSION, "networks": list(NETWORKS)}
+        if sources:
+            marker["sources"] = dict(sources)
+        json.dump(marker, f, indent=2)
 
 
 def convert(source: str | os.PathLike, out: str | os.PathLike,

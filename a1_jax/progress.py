@@ -1,0 +1,106 @@
+"""Progress of a long command: one status line on a terminal from its first second, and the seconds of each stage.
+
+    stages = Stages("animate")                  # shows "animate: starting [00:00]" at once (on a terminal only)
+    with stages("landmarks"):                   # the line names the stage; its clock ticks every second
+        for i in range(n):
+            stages.advance(i + 1, n, "frames")  # "animate: landmarks 12/48 frames [00:03 · total 00:05]"
+    stages.seconds                              # {"landmarks": 3.2, ...}: the same clocks the summary reports
+
+Light on purpose (tqdm only, no JAX): the CLI starts it before the heavy imports, so the user sees it at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+import time
+from typing import Iterator
+
+TICK_SECONDS = 1.0
+
+
+class Stages:
+    """Times named stages (a stage entered twice adds up; nested stages are exclusive) and shows the current one, with sub-progress, on stderr."""
+
+    def __init__(self, command: str, *, enabled: bool = True, started: float | None = None):
+        self.command = command
+        self.started = time.perf_counter() if started is None else started
+        self.seconds: dict[str, float] = {}
+        self._stage, self._stage_started, self._detail = "starting", self.started, ""
+        self._stack: list[str] = []
+        self._bar = None
+        self._stop = threading.Event()
+        if enabled:
+            from tqdm import tqdm
+
+            # disable=None: only on a terminal, so redirected stderr keeps just the one-line errors
+            self._bar = tqdm(total=0, bar_format="{desc}", leave=False, disable=None)
+            if self._bar.disable:
+                self._bar = None
+        if self._bar is not None:
+            self._show()
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        """Times `stage`; a stage entered inside another pauses the outer one's clock (each second counts once)."""
+        now = time.perf_counter()
+        outer = (self._stage, self._stage_started, self._detail)
+        if self._stack:
+            self._add(self._stack[-1], now - self._stage_started)
+        self._stack.append(stage)
+        self._stage, self._stage_started, self._detail = stage, now, ""
+        self._show()
+        try:
+            yield
+        finally:
+            now = time.perf_counter()
+            self._add(self._stack.pop(), now - self._stage_started)
+            self._stage, self._detail = outer[0], outer[2]
+            self._stage_started = now if self._stack else outer[1]
+            self._show()
+
+    def _add(self, stage: str, seconds: float) -> None:
+        self.seconds[stage] = self.seconds.get(stage, 0.0) + seconds
+
+    def advance(self, done: int, total: int, unit: str) -> None:
+        """Sub-progress of the current stage."""
+        self._detail = f" {done}/{total} {unit}"
+        self._show()
+
+    def note(self, text: str) -> None:
+        """A word on the current stage (e.g. which window) without a count."""
+        self._detail = f" {text}"
+        self._show()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.started
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def _show(self) -> None:
+        bar = self._bar
+        if bar is None:
+            return
+        now = time.perf_counter()
+        bar.set_description_str(f"{self.command}: {self._stage}{self._detail} [{_clock(now - self._stage_started)}"
+                                f" · total {_clock(now - self.started)}]")
+
+    def _tick(self) -> None:
+        while not self._stop.wait(TICK_SECONDS):
+            self._show()
+
+    def __enter__(self) -> "Stages":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes:02d}:{seconds:02d}"
