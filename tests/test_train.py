@@ -74,6 +74,11 @@ def _flat(tree) -> dict:
     return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(tree).items()}
 
 
+def _saved(workdir: pathlib.Path) -> bool:
+    """A training step of `workdir` is completely checkpointed (Orbax has renamed its temporary folder)."""
+    return (workdir / checkpoint.WORKDIR_CHECKPOINTS).is_dir() and checkpoint.trained_step(workdir) is not None
+
+
 def _relative_error(a: dict, b: dict) -> float:
     return max(float(np.abs(a[k] - b[k]).max() / max(np.abs(b[k]).max(), 1e-12)) for k in b)
 
@@ -287,16 +292,8 @@ def test_resume_after_kill_9_logs_the_uninterrupted_losses(frames_run, clips):
     folder = frames_run
     workdir = folder / "killed"
     command, env = _train_command(folder, clips, workdir), _environment(folder)
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     metrics = workdir / "metrics.jsonl"
-    deadline = time.time() + 300
-    while time.time() < deadline and process.poll() is None:
-        if metrics.exists() and len(metrics.read_text().splitlines()) >= 3:  # read back at the step-3 checkpoint
-            break
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.communicate()
-    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    _kill_when(command, env, lambda: _saved(workdir), "the run")  # once a checkpoint is complete (step 3 or 6)
     assert 3 <= len(metrics.read_text().splitlines()) < 8
 
     resumed = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -589,7 +586,7 @@ def test_train_identity_stage_from_i2v_learns_every_leaf_and_uses_the_face(ident
 def _kill_when(command, env, ready, what) -> None:
     """Starts `command`, SIGKILLs it as soon as `ready()` holds; fails if it ended first."""
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(0.01)
     process.send_signal(signal.SIGKILL)
@@ -720,15 +717,14 @@ def test_train_on_two_processes_matches_one_and_resumes_after_both_are_killed(ca
     assert one["devices"] == 8 and one["processes"] == 1
 
     processes = _two_processes(command, tmp_path)
-    saved = lambda: (workdir / checkpoint.WORKDIR_CHECKPOINTS).is_dir() and checkpoint.trained_step(workdir)
     deadline = time.time() + 600
-    while time.time() < deadline and all(p.poll() is None for p in processes) and not saved():
+    while time.time() < deadline and all(p.poll() is None for p in processes) and not _saved(workdir):
         time.sleep(0.01)
     for process in processes:
         process.send_signal(signal.SIGKILL)
     outputs = [process.communicate() for process in processes]
     assert all(p.returncode == -signal.SIGKILL for p in processes), [err[-2000:] for _, err in outputs]
-    assert saved(), "no checkpoint before the kill"
+    assert _saved(workdir), "no checkpoint before the kill"
 
     processes = _two_processes(command, tmp_path)
     outputs = [process.communicate(timeout=300) for process in processes]
