@@ -552,7 +552,8 @@ def train(config: train_config.TrainConfig, data_dir: str, workdir: str, *, step
     # Several CPU processes on a frame dataset: dispatching the step while the encoders' programs were still in
     # flight hung or failed in gloo's cross-process collectives (2 processes, every try; where XLA's CPU runtime
     # orders them is not pinned down). There every batch and every step is waited for; GPU and TPU run a device's
-    # programs in dispatch order, and on a latent cache every program waits on the previous step anyway.
+    # programs in dispatch order, and on a latent cache every program waits on the previous step anyway. Even so, on
+    # a 2-core box at load 25 both processes timed out (30 s) setting up a gloo context in the encoders (issue 13).
     serial = not run.cached and jax.process_count() > 1 and run.mesh.devices.flat[0].platform == "cpu"
     try:
         for step in range(start + 1, steps + 1):
