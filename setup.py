@@ -12,6 +12,10 @@ EVAL = [
 # through ctypes. Optional: speech from text is the only thing that needs it.
 TTS = ["espeakng-loader==0.2.4"]
 
+# `a1-jax app`: the web app. Pinned: the app leans on Gradio's queue, cancel, progress and upload-cache behaviour,
+# which moves between releases; this is the version its browser test passed on.
+APP = ["gradio==6.31.0"]
+
 setup(
     name="a1_jax",
     version="0.1.0",
@@ -54,9 +58,13 @@ setup(
             "tensorflow-datasets",
             *EVAL,  # the evaluate tests measure identity too
             *TTS,  # and the text-to-speech tests speak
+            *APP,  # the web app's tests: through its API (gradio_client) and in a real browser (Selenium)
+            "gradio_client==2.7.2",  # the version gradio 6.31.0 ships with
+            "selenium==4.51.0",  # drives Debian's chromium through its chromedriver (no Selenium Manager download)
         ],
         "eval": EVAL,
         "tts": TTS,
+        "app": APP,
     },
     entry_points={"console_scripts": ["a1-jax=a1_jax.cli:main"]},
 )

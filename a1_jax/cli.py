@@ -99,11 +99,19 @@ def _evaluate(args: argparse.Namespace) -> dict:
 def _animate(args: argparse.Namespace) -> dict:
     from a1_jax.sampling import preflight
 
-    preflight.check(args)  # every path, before the heavy imports below
+    request = preflight.AnimateRequest.from_args(args)
+    preflight.check(request)  # every path, before the heavy imports below
     with args.stages("startup"):  # JAX, Flax, MediaPipe: seconds the user should see counted
         from a1_jax.sampling.animate import run_animate
 
-    return run_animate(args)
+    return run_animate(request, stages=args.stages)
+
+
+def _app(args: argparse.Namespace) -> dict:
+    from a1_jax.app.server import Limits, serve
+
+    return serve(checkpoint=args.checkpoint, config=args.config, mesh=args.mesh, dtype=args.dtype, host=args.host,
+                 port=args.port, limits=Limits(max_seconds=args.max_seconds, max_upload_mb=args.max_upload_mb))
 
 
 def _interpolate(args: argparse.Namespace) -> dict:
@@ -150,6 +158,19 @@ def _add_motion_source_args(parser: argparse.ArgumentParser) -> None:
                                              "free phone recognition")
     parser.add_argument("--text", help="text to speak (offline eSpeak NG voice, the `tts` extra) and lip-sync")
     parser.add_argument("--blendshapes", help="blendshape curves: our track .json or an ARKit / Live Link Face .csv")
+
+
+def _add_animator_args(parser: argparse.ArgumentParser) -> None:
+    """The model that animates: its weights, mesh and dtype (`animate`, `app`)."""
+    model = parser.add_mutually_exclusive_group()
+    model.add_argument("--checkpoint", help="a SkyReels-A1 release folder, an `a1-jax convert` checkpoint or a "
+                                            "training workdir")
+    model.add_argument("--config", default="tiny",
+                       help="without --checkpoint: seeded random weights for these configs (default: tiny)")
+    parser.add_argument("--mesh", default="single",
+                        help="mesh preset for parameters and activations (single, fsdp, fsdp_tensor, ... or a path)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"),
+                        help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
 
 
 def _add_interpolator_args(parser: argparse.ArgumentParser) -> None:
@@ -272,11 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     animate.add_argument("--out", required=True, help="animated video to write (.mp4)")
     animate.add_argument("--no-audio", action="store_true",
                          help="leave the sound out (default: the driving video's, the speech or the spoken text)")
-    model = animate.add_mutually_exclusive_group()
-    model.add_argument("--checkpoint", help="a SkyReels-A1 release folder, an `a1-jax convert` checkpoint or a "
-                                            "training workdir")
-    model.add_argument("--config", default="tiny",
-                       help="without --checkpoint: seeded random weights for these configs (default: tiny)")
+    _add_animator_args(animate)
     animate.add_argument("--steps", type=POSITIVE, default=10, help="denoising steps (default 10, as the reference)")
     animate.add_argument("--guidance", type=_number(float, low=1, what=" (1 = no classifier-free guidance)"),
                          default=3.0, help="classifier-free guidance on the face tokens, at least 1 (default 3.0)")
@@ -287,12 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
                          help="the reference's single-clip script: 49 control frames [ref, f0, f0, f1, ...], "
                               "47 output frames")
     animate.add_argument("--preview", help="also write reference | driving | control | output side by side (.mp4)")
+    animate.add_argument("--control", help="also write the control video the model followed, one frame per output "
+                                           "frame at 12 fps (.mp4)")
     animate.add_argument("--landmarker", help=LANDMARKER_HELP)
     _add_missing_face(animate)
-    animate.add_argument("--mesh", default="single",
-                         help="mesh preset for parameters and activations (single, fsdp, fsdp_tensor, ... or a path)")
-    animate.add_argument("--dtype", choices=("float32", "bfloat16"),
-                         help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
     animate.add_argument("--fps", metavar="N", default="12",
                          help="frame rate of --out, any number from 12 (the model's rate, default) to 240: frames "
                               "in between are interpolated, the duration is kept (--preview stays at 12)")
@@ -301,6 +316,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="long videos: where two windows rendered the same frames, go from one to the other by "
                               "interpolating between their renderings (default) or by a plain cross-fade")
     animate.set_defaults(run=_animate, stages=True)
+
+    app = _command(commands, "app", "the web app: animate in a browser, or through its API",
+                   "A page (and the same function as an API, `/animate`) on http://HOST:PORT: a portrait and a "
+                   "driving video, speech or text in; the animated video, the side-by-side preview, the summary and "
+                   "the control video out, with progress per stage and step. One generation at a time; the others "
+                   "queue. Needs the app extra (Gradio).")
+    _add_animator_args(app)
+    app.add_argument("--host", default="127.0.0.1",
+                     help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 for the network)")
+    app.add_argument("--port", type=_number(int, low=1), default=7860, help="port (default 7860)")
+    app.add_argument("--max-seconds", type=_number(float, low=0), default=60.0,
+                     help="the longest motion source a request may bring, in seconds (default 60)")
+    app.add_argument("--max-upload-mb", type=_number(float, low=0), default=100.0,
+                     help="the largest file a request may upload, in MB (default 100)")
+    app.set_defaults(run=_app)
 
     interpolate = _command(commands, "interpolate", "re-time a video to another frame rate by frame interpolation",
                            "Every output frame sits at its exact time k/N: the source frame itself where one falls "

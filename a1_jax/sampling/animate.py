@@ -9,6 +9,7 @@ portrait, landmarks; configs only), then the weights, then the networks.
 from __future__ import annotations
 
 import contextlib
+import logging
 import sys
 from typing import Iterator
 
@@ -19,10 +20,21 @@ from a1_jax.io.audio import frame_segments, mux_audio
 from a1_jax.io.video import TARGET_FPS, VideoWriter, read_frames
 from a1_jax.motion.pipeline import side_by_side
 from a1_jax.motion.sources import MotionSource, load_source
-from a1_jax.progress import Stages
+from a1_jax.progress import Cancelled, Stages
 from a1_jax.sampling import preflight
+from a1_jax.sampling.preflight import AnimateRequest
 from a1_jax.sampling.animator import Animator, NonFiniteLatents, Report, VideoPlan, plan_video
 from a1_jax.weights.checkpoint import ModelConfigs, model_config_folder
+
+
+class _QuietCancel(logging.Filter):
+    """JAX logs an exception raised in a host callback with its traceback; a cancel is not a fault."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.exc_info and isinstance(record.exc_info[1], Cancelled))
+
+
+logging.getLogger("jax._src.debugging").addFilter(_QuietCancel())
 
 
 def random_weights_notice(networks: list[str]) -> str:
@@ -31,58 +43,73 @@ def random_weights_notice(networks: list[str]) -> str:
 
 
 @contextlib.contextmanager
-def open_outputs(named: list[tuple[str, str]], fps: float) -> Iterator[list[VideoWriter]]:
-    """The writers of `preflight.outputs` (`--out` at `fps`, the preview at the model's 12); on an exception they
-    remove their partial files."""
+def open_outputs(named: list[tuple[str, str]], fps: float) -> Iterator[dict[str, VideoWriter]]:
+    """The writers of `preflight.outputs` by flag (`--out` at `fps`, the preview and control videos at the model's
+    12); on an exception they remove their partial files."""
     with contextlib.ExitStack() as stack:
-        yield [stack.enter_context(VideoWriter(path, fps if flag == "--out" else TARGET_FPS, what=flag))
-               for flag, path in named]
+        yield {flag: stack.enter_context(VideoWriter(path, fps if flag == "--out" else TARGET_FPS, what=flag))
+               for flag, path in named}
 
 
-def plan(args, configs: ModelConfigs, ref: str, source: MotionSource, stages: Stages) -> VideoPlan:
-    """The motion source of the command line as a plan (the portrait's canvas and face, the driver's landmarks)."""
+def plan(request: AnimateRequest, configs: ModelConfigs, ref: str, source: MotionSource,
+         stages: Stages) -> VideoPlan:
+    """The motion source of a request as a plan (the portrait's canvas and face, the driver's landmarks)."""
     with stages("landmarks"):
-        return plan_video(configs, ref, source.driving, single_clip=args.single_clip, max_frames=args.max_frames,
-                          landmarker=args.landmarker, missing_face=args.missing_face,
+        return plan_video(configs, ref, source.driving, single_clip=request.single_clip,
+                          max_frames=request.max_frames, landmarker=request.landmarker,
+                          missing_face=request.missing_face,
                           progress=lambda done, total: stages.advance(done, total, "frames"))
 
 
-def build_animator(args, stages: Stages) -> Animator:
-    with stages("model"):
-        if args.checkpoint:
-            return Animator.from_pretrained(args.checkpoint, dtype=args.dtype, mesh=args.mesh)
-        return Animator.from_config(model_config_folder(args.config), seed=0, dtype=args.dtype, mesh=args.mesh)
+def build_animator(checkpoint: str | None, config: str = "tiny", *, dtype: str | None = None,
+                   mesh: str | None = None) -> Animator:
+    """The Animator of `checkpoint`, or seeded random weights for `config` without one (`--checkpoint`/`--config`)."""
+    if checkpoint:
+        return Animator.from_pretrained(checkpoint, dtype=dtype, mesh=mesh)
+    return Animator.from_config(model_config_folder(config), seed=0, dtype=dtype, mesh=mesh)
 
 
-def run_animate(args) -> dict:
-    """Writes `args.out` (and `args.preview`: reference | driving | control | output); the summary dict.
+def run_animate(request: AnimateRequest, *, stages: Stages | None = None, animator: Animator | None = None) -> dict:
+    """Writes `request.out` (and `request.preview`: reference | driving | control | output, `request.control`: the
+    control video); returns the summary dict (`ok`, `out`, `frames`, `stage_seconds`, ...).
 
-    `args.stages` (a `Stages` the CLI started before its heavy imports) times and shows the stages, if given."""
-    stages = getattr(args, "stages", None) or Stages("animate")
-    report, animator, error, source, audio_seconds, written = Report(), None, None, None, None, 0
-    ref, driving, named = preflight.check(args)
-    fps = parse_fps(args.fps)
-    interpolator = make_interpolator(args.interpolator, args.interpolator_weights)  # a bad FILM file fails here
-    seam = interpolator if args.seam == "interpolate" else BlendInterpolator()
-    folder = args.checkpoint or model_config_folder(args.config)
+    `stages` times and shows the stages (the CLI starts one before its heavy imports); `stages.cancel()` from another
+    thread stops the run at its next progress point (a driving frame, a denoising step, a decoder chunk): the summary
+    then has `cancelled` and `error`, `ok` false, and no output is left. `animator`: one already built (a server
+    keeps its own; `request.checkpoint`, `config`, `dtype` and `mesh` are then not used). A user's mistake raises
+    `UserError` before any output is written."""
+    stages = stages or Stages("animate")
+    report, error, cancelled, source, audio_seconds, written = Report(), None, False, None, None, 0
+    ref, driving, named = preflight.check(request)
+    fps = parse_fps(request.fps)
+    interpolator = make_interpolator(request.interpolator, request.interpolator_weights)  # a bad FILM file fails here
+    seam = interpolator if request.seam == "interpolate" else BlendInterpolator()
     try:
         # "write": the output checks, the mp4 encoding and finishing; every other stage runs nested inside it.
         with stages("write"), open_outputs(named, fps) as writers:
-            writer, preview = writers[0], (writers[1] if len(writers) > 1 else None)
+            writer, preview, control_writer = writers["--out"], writers.get("--preview"), writers.get("--control")
             with stages("checks"):
-                configs = ModelConfigs.from_folder(folder)  # a bad checkpoint or config fails before the inputs load
-                source = load_source(driving=driving, audio=args.audio, transcript=args.transcript, text=args.text,
-                                     blendshapes=args.blendshapes, seed=args.seed, with_audio=not args.no_audio)
-            video_plan = plan(args, configs, ref, source, stages)
-            animator = build_animator(args, stages)
+                # a bad checkpoint or config fails before the inputs load
+                configs = animator.configs if animator else ModelConfigs.from_folder(
+                    request.checkpoint or model_config_folder(request.config))
+                source = load_source(driving=driving, audio=request.audio, transcript=request.transcript,
+                                     text=request.text, blendshapes=request.blendshapes, seed=request.seed,
+                                     with_audio=not request.no_audio, max_seconds=request.max_seconds)
+            video_plan = plan(request, configs, ref, source, stages)
+            if animator is None:
+                with stages("model"):
+                    animator = build_animator(request.checkpoint, request.config, dtype=request.dtype,
+                                              mesh=request.mesh)
             if animator.random_networks:
                 print(random_weights_notice(animator.random_networks), file=sys.stderr, flush=True)
-            pairs = animator.frames(ref, source.driving, steps=args.steps, guidance=args.guidance, seed=args.seed,
-                                    report=report, plan=video_plan, stages=stages, seam=seam)
+            pairs = animator.frames(ref, source.driving, steps=request.steps, guidance=request.guidance,
+                                    seed=request.seed, report=report, plan=video_plan, stages=stages, seam=seam)
 
-            def model_frames() -> Iterator[np.ndarray]:  # at 12 fps; the preview is written as they come
+            def model_frames() -> Iterator[np.ndarray]:  # at 12 fps; the preview and control are written as they come
                 driving_frames = None
                 for frame, control in pairs:
+                    if control_writer is not None:
+                        control_writer.write(control)
                     if preview is not None:
                         if report.motion.driving_path is None:  # a motion track: no driving frames to show
                             preview.write(np.concatenate([report.reference.canvas, control, frame], axis=1))
@@ -101,24 +128,32 @@ def run_animate(args) -> dict:
             # Re-timing keeps the 12-fps frames' timeline (frame j's time is still j / 12), so the same cut applies.
             with stages("write"):
                 segments = frame_segments(np.rint(report.sample_times[:report.frames] * TARGET_FPS).astype(int))
-                audio_seconds = round(mux_audio(args.out, source.audio, segments), 3)
+                audio_seconds = round(mux_audio(request.out, source.audio, segments), 3)
     except NonFiniteLatents as e:  # the writers have removed their partial files
         error = str(e)
         print(f"a1-jax: {error}", file=sys.stderr, flush=True)
+    except Exception as e:
+        # A cancel raised inside the jitted loop's step callback arrives wrapped in JAX's runtime error.
+        if not (isinstance(e, Cancelled) or stages.cancelled_at):
+            raise
+        error, cancelled = f"cancelled at {stages.cancelled_at}: nothing was written", True
     finally:
         stages.close()
-    summary = {"out": None if error else args.out, "ref": ref, "driving": driving, "frames": written, "fps": fps,
+    summary = {"out": None if error else request.out, "ref": ref, "driving": driving, "frames": written, "fps": fps,
                "frames_12fps": report.frames, "driving_frames": report.expected_frames, "windows": report.windows,
                "seconds": round(stages.elapsed(), 3),
                "stage_seconds": {k: round(v, 3) for k, v in stages.seconds.items()},
-               "steps": args.steps, "guidance": args.guidance, "seed": args.seed,
+               "steps": request.steps, "guidance": request.guidance, "seed": request.seed,
                "dtype": None if animator is None else str(animator.dtype),
                "faces_found": report.faces_found, "missing_face": report.missing_face,
                "frames_without_face": list(report.frames_without_face),
                "weights": None if animator is None else animator.weights,
                "random_weights": None if animator is None else animator.random_weights,
                **(source.summary if source is not None else {}), "audio_seconds": audio_seconds,
-               "interpolator": interpolator.name, "seam": args.seam}
+               "interpolator": interpolator.name, "seam": request.seam,
+               "preview": None if error else request.preview, "control": None if error else request.control}
+    if cancelled:
+        return {**summary, "error": error, "cancelled": True, "ok": False}
     if error:
         return {**summary, "error": error, "ok": False}
     return {**summary, "ok": (report.frames == report.expected_frames and report.frames > 0
