@@ -244,7 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "ArrayRecord shards + index.json (TFDS builder `a1_clips`), each clip with its control video, "
                        "reference frame and aligned face; --latents adds a cache of encoder outputs.")
     dataset.add_argument("--videos", help="folder of videos (searched recursively)")
-    dataset.add_argument("--out", required=True, help="dataset folder to create (must not hold a dataset yet)")
+    dataset.add_argument("--out", required=True, help="dataset folder to create (the same command again "
+                                                        "finishes an interrupted run)")
     dataset.add_argument("--landmarker", help=LANDMARKER_HELP)
     dataset.add_argument("--workers", type=POSITIVE, default=1, help="videos processed in parallel (processes; the "
                                                                      "output does not depend on it)")

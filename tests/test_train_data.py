@@ -3,7 +3,12 @@ writes, the TFDS builder over the same files, and the Grain pipeline (determinis
 windows and resizing). The dataset is made once per session."""
 
 import json
+import os
 import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 import cv2
 import numpy as np
@@ -274,9 +279,14 @@ def test_data_cli_end_to_end_with_workers(dataset, clips, shared, landmarker_pat
     (made,) = _read_records(out)
     assert records.serialize_clip(made) == records.serialize_clip(next(c for c in clips if c.source == "drive_4.mp4"))
 
-    assert main(argv) == 2  # the folder already holds a dataset
+    assert main(argv) == 0  # the same command on the finished folder reports it
+    again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert again.pop("existing") and {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in summary.items() if k != "seconds"}
+    (videos / "corrupt.mp4").unlink()
+    assert main(argv) == 2  # other videos into a finished folder
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "already holds a dataset" in err[0]
+    assert len(err) == 1 and "already holds a dataset of other videos" in err[0]
 
     blocker = tmp_path / "a_file"
     blocker.write_text("")
@@ -284,3 +294,33 @@ def test_data_cli_end_to_end_with_workers(dataset, clips, shared, landmarker_pat
     captured = capsys.readouterr()
     assert captured.out == "" and len(captured.err.strip().splitlines()) == 1
     assert "cannot write the dataset" in captured.err
+
+
+def test_data_make_dataset_killed_early_then_rerun_completes(dataset, clips, shared, landmarker_path, tmp_path):
+    """`make-dataset` SIGKILLed while its first shard is being written (the second video not yet done): the same
+    command again clears what it left and completes; the records equal an uninterrupted run's, nothing partial is
+    left."""
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    for name in ("drive_1", "drive_4"):
+        (videos / f"{name}.mp4").symlink_to(shared / "data" / "driving" / f"{name}.mp4")
+    out = tmp_path / "data"
+    command = [sys.executable, "-m", "a1_jax", "make-dataset", "--videos", str(videos), "--out", str(out),
+               "--landmarker", landmarker_path, "--clips-per-shard", "1"]
+    partial = pathlib.Path(records.dataset_dir(str(out)) + ".partial")
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and process.poll() is None and not (partial.is_dir() and os.listdir(partial)):
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    assert process.returncode == -signal.SIGKILL, "make-dataset finished before it could be killed"
+    assert os.listdir(partial) and not (out / records.INDEX_FILE).exists()
+
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (summary["videos"], summary["clips"], summary["shards"]) == (2, 2, 2) and "existing" not in summary
+    assert not partial.exists()
+    made = {clip.source: records.serialize_clip(clip) for clip in _read_records(out)}
+    assert made == {c.source: records.serialize_clip(c) for c in clips if c.source in made} and len(made) == 2

@@ -572,6 +572,12 @@ def _compile_beside(step: Callable, params: Any, first: jax.Array,
     return _COMPILER.submit(lowered.compile)
 
 
+def _on_device(params: Any) -> Any:
+    """Host arrays put on the default device once, not once per chunk call; device arrays (sharded over another
+    process's devices too, in multi-host training) stay where they are."""
+    return jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else jax.device_put(x), params)
+
+
 def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
              tick: Callable[[], None] | None = None) -> jax.Array:
     """diffusers' frame chunks of `x` (axis 1) through `step`, carrying the cache; outputs joined along time.
@@ -599,7 +605,7 @@ def _drive(model: AutoencoderKLCogVideoX, method: str, params: Any, x: jax.Array
            tiles: dict[str, tuple[int, int]] | None, progress: Callable[[int, int], None] | None) -> jax.Array:
     """`x` through `model.<method>` in frame chunks, per tile when `tiles` (a `tile_plan`) is given; `progress(done,
     total)` after every chunk call."""
-    params = jax.device_put(params)  # once, not once per chunk call
+    params = _on_device(params)
     tick = None
     if progress is not None:
         rows, columns = ((len(range(0, x.shape[2], tiles["stride"][0])), len(range(0, x.shape[3], tiles["stride"][1])))

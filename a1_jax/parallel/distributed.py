@@ -13,6 +13,11 @@ Environment variables, read for any argument not given:
                         ...); any of the three above that is set still wins over what JAX detects
 Without `auto`, the coordinator, process count and process id come together (all three or none). With none of
 them, or a process count of 1, the run is single-process and nothing is initialised.
+
+Where hosts must agree (a workdir created once, resume or start, the step to resume from), process 0 decides and
+`agree` hands its value to every process; `barrier` holds each process until all reach it. Both are free in a
+single-process run. Values of sharded arrays are read through `gather`: `device_get` of a shard another process
+holds fails, so what is read is first computed onto every device (a collective every process joins).
 """
 
 from __future__ import annotations
@@ -81,6 +86,38 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     return True
 
 
+def barrier(name: str) -> None:
+    """Every process waits here until all have arrived (`name` must be the same on all, and unique per use)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)
+
+
+def agree(value: int) -> int:
+    """Process 0's integer, on every process (each host may see a shared filesystem at another moment)."""
+    if jax.process_count() == 1:
+        return value
+    from jax.experimental import multihost_utils
+
+    return int(multihost_utils.broadcast_one_to_all(np.asarray(value, np.int32)))
+
+
+def gather(fn: Any, tree: Any, mesh: Mesh | None) -> Any:
+    """`fn(tree)` computed under `jax.jit`, its result on every device of `mesh` (None: the default device): every
+    process can read it (`np.asarray`), where reading a shard another process holds would fail."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    out = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    return jax.jit(fn, out_shardings=out)(tree)
+
+
+def batch_ways(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the mesh splits the `batch` logical axis: a global batch must be a multiple of it."""
+    spec = logical_sharding((axes.BATCH,), mesh, rules).spec
+    return math.prod(mesh.shape[a] for a in jax.tree_util.tree_leaves(tuple(spec[:1])))
+
+
 def global_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
     """This host's share of a batch -> global `jax.Array`s, split over `mesh` along the `batch` logical axis.
 
@@ -94,7 +131,7 @@ def global_batch(host_batch: Any, mesh: Mesh, rules: Rules) -> Any:
         if array.ndim == 0:
             raise ValueError("global_batch needs arrays with a leading batch axis; got a scalar")
         sharding = logical_sharding((axes.BATCH,) + (None,) * (array.ndim - 1), mesh, rules)
-        ways = math.prod(mesh.shape[a] for a in jax.tree_util.tree_leaves(tuple(sharding.spec[:1])))
+        ways = batch_ways(mesh, rules)
         rows = array.shape[0] * jax.process_count()
         if rows % ways:
             raise UserError(f"a global batch of {rows} examples ({array.shape[0]} per host) does not split over the "

@@ -2,7 +2,7 @@
 
     model:      what to start from (configs, weights, an optional CogVideoX-I2V-style transformer) and its seed
     stage:      which DiT parameters train (regexes on '/'-joined parameter paths; the rest are frozen)
-    data:       the training window and batch, conditioning dropout, first-frame noise augmentation
+    data:       the training window and batch, conditioning dropout, the reference frame's pixel noise
     optimizer:  AdamW with linear warmup then cosine decay, global-norm clipping, gradient accumulation
     compute:    compute dtype (master weights stay fp32), remat policy, attention kernel
     ema_decay, seed, steps, save_every, keep
@@ -59,8 +59,10 @@ class DataSection:
     height: int = 480
     width: int = 720
     face_dropout: float = 0.1  # probability of all-zero face tokens (what CFG's unconditional half sees)
-    image_noise_mean: float = -3.0  # first-frame pixel noise sigma = exp(N(mean, std)) before the VAE (I2V recipe)
-    image_noise_std: float = 0.5
+    # Pixel noise on the reference frame before the VAE, σ = exp(N(mean, std)) (CogVideoX I2V recipe). Not the
+    # sampler's `image_noise`, the standard normal that draws the image latent from its posterior.
+    pixel_noise_mean: float = -3.0
+    pixel_noise_std: float = 0.5
     read_threads: int = 4
 
     def validate(self, source: str) -> None:
@@ -70,7 +72,7 @@ class DataSection:
         require((self.frames - 1) % 4 == 0, source,
                 f"data.frames must be 1 + 4k (the VAE compresses time 4x), got {self.frames}")
         require(0.0 <= self.face_dropout <= 1.0, source, "data.face_dropout must be a probability in [0, 1]")
-        require(self.image_noise_std >= 0, source, "data.image_noise_std must be >= 0")
+        require(self.pixel_noise_std >= 0, source, "data.pixel_noise_std must be >= 0")
 
 
 @dataclasses.dataclass(frozen=True)

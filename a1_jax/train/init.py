@@ -10,11 +10,20 @@ and no face connector, the way the reference assembled SkyReels-A1 (spec §2.1 i
 * `patch_embed.proj` grows to `[noise | pose | image]` with the new channels zero: a 2C-channel source is an I2V
   model, `[noise | image]`, whose image channels move to the image slot; a C-channel source (text-to-video) gives the
   noise channels only. So at step 0 the pose latents change nothing and the model is the source model.
-* a missing `pose_proj` connector is zero, as the reference's `zero_module` makes it: face tokens start as
-  `text_proj`'s bias.
+* a missing `pose_proj` connector (Linear, SiLU, Linear) starts with its *last* layer zero and its first with the
+  layer's normal init (LeCun normal kernel, zero bias), so face tokens start as `text_proj`'s bias and the output
+  is the source model's, yet gradients reach both layers. The reference's `zero_module` zeroes both; then the
+  first layer's gradient is the second's (zero) kernel times the SiLU's output, and the second's gradient is the
+  SiLU of the first's (zero) output, silu(0) = 0: both stay exactly zero forever, and face tokens never act.
 * a position table of another length (CogVideoX's 226 text rows vs our face-token count) keeps ours: it is the fixed
   sin-cos table (a buffer in diffusers, never trained) with zero face rows.
 Every other tensor must match by name and shape (a `UserError` lists what does not).
+
+Zero inits, audited the same way (what does the gradient of a zero tensor depend on?): the pose channels of
+`patch_embed.proj` get the pose latents times the upstream gradient (non-zero); `pose_proj_2`, last of its chain,
+gets SiLU(first layer) times the upstream gradient (non-zero once the first layer is not zero); the position table's
+zero face rows are a frozen buffer; the model's own init zeroes biases only. `a1-jax train` reports any trainable
+leaf that never learned (`dead` in its summary).
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import dataclasses
 import os
 from typing import Any
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -39,7 +49,7 @@ from a1_jax.weights.dit import DIT_RULES
 from a1_jax.weights.rules import apply_plan, plan_import
 
 PROJ = ("patch_embed", "proj_kernel")
-CONNECTOR = ("pose_proj_0", "pose_proj_2")
+CONNECTOR_FIRST, CONNECTOR_LAST = "pose_proj_0", "pose_proj_2"  # Linear, (SiLU), Linear
 POSITIONS = ("patch_embed", "pos_embedding")
 
 
@@ -67,7 +77,8 @@ def base_model(config: TrainConfig, mesh: jax.sharding.Mesh, rules: parallel.Rul
         report = {"weights": f"random (seed {config.model.seed})"}
     if config.model.init_transformer:
         params["transformer"], report["init_transformer"] = import_transformer(
-            config.model.init_transformer, networks.transformer, params["transformer"], shardings["transformer"])
+            config.model.init_transformer, networks.transformer, params["transformer"], shardings["transformer"],
+            seed=config.model.seed)
     return BaseModel(configs=configs, config_folder=folder, networks=networks, params=params, report=report)
 
 
@@ -99,9 +110,25 @@ def grow_input_channels(kernel: np.ndarray, channels: int, latent: int) -> np.nd
     return grown
 
 
-def import_transformer(folder: str, model: dit.DiT, base: dict, shardings: dict) -> tuple[dict, dict]:
+def new_connector(target: dict, seed: int) -> dict:
+    """Host arrays of a connector the source lacks (paths as in `target`, the DiT's flat abstract params): the
+    last layer zero, the first LeCun normal (as `layers.dense` initialises it; seeded) with a zero bias."""
+    key = jax.random.key(seed)
+    out = {}
+    for path, leaf in target.items():
+        if path[0] != "patch_embed" or path[1] not in (CONNECTOR_FIRST, CONNECTOR_LAST):
+            continue
+        if path[1] == CONNECTOR_FIRST and path[-1] == "kernel":
+            out[path] = np.asarray(nn.initializers.lecun_normal()(key, leaf.shape, jnp.float32))
+        else:
+            out[path] = np.zeros(leaf.shape, np.float32)
+    return out
+
+
+def import_transformer(folder: str, model: dit.DiT, base: dict, shardings: dict, *, seed: int = 0) -> tuple[dict,
+                                                                                                            dict]:
     """`base` (the DiT's params on the mesh) with every tensor of the diffusers transformer in `folder` (or its
-    `transformer/`), input channels grown and the connector zero-filled when the source lacks them."""
+    `transformer/`), input channels grown and a new connector (`new_connector`) when the source lacks one."""
     part = os.path.join(folder, "transformer")
     state = safetensors_io.open_checkpoint(part if os.path.isdir(part) else folder)
     shapes = state.shapes()
@@ -113,10 +140,10 @@ def import_transformer(folder: str, model: dit.DiT, base: dict, shardings: dict)
     target[PROJ] = jax.ShapeDtypeStruct(target[PROJ].shape[:2] + (source_channels,) + target[PROJ].shape[3:],
                                         jnp.float32)
     has_connector = any(name.startswith("patch_embed.pose_proj.") for name in shapes)
-    zeroed, kept, skip = [], [], []
+    connector, kept, skip = {}, [], []
     if not has_connector:
-        zeroed = [path for path in target if path[0] == "patch_embed" and path[1] in CONNECTOR]
-        for path in zeroed:
+        connector = new_connector(target, seed)
+        for path in connector:
             del target[path]
     source_rows = shapes.get("patch_embed.pos_embedding")
     if source_rows is not None and (POSITIONS not in target or tuple(source_rows[1:]) != target[POSITIONS].shape):
@@ -128,16 +155,16 @@ def import_transformer(folder: str, model: dit.DiT, base: dict, shardings: dict)
                        what=f"{folder} (transformer to initialise from)")
     host = traverse_util.flatten_dict(apply_plan(plan, state, dtype=np.float32))
     host[PROJ] = grow_input_channels(host[PROJ], channels, latent)
+    host.update(connector)
     flat_base = traverse_util.flatten_dict(base)
     flat_shardings = traverse_util.flatten_dict(shardings)
     out = {}
     for path, leaf in flat_base.items():
         if path in host:
             out[path] = jax.device_put(host[path].astype(leaf.dtype), flat_shardings[path])
-        elif path in zeroed:
-            out[path] = jnp.zeros_like(leaf)
         else:
             out[path] = leaf  # the position table: ours
     report = {"from": folder, "input_channels": [int(source_channels), int(channels)],
-              "zero_filled": ["/".join(p) for p in zeroed], "kept": ["/".join(p) for p in kept]}
+              "zero_filled": sorted("/".join(p) for p, v in connector.items() if not v.any()),
+              "new": sorted("/".join(p) for p, v in connector.items() if v.any()), "kept": ["/".join(p) for p in kept]}
     return traverse_util.unflatten_dict(out), report

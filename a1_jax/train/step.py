@@ -2,8 +2,9 @@
 
 A batch reaches the step as the DiT's conditions, whichever dataset it came from (`Batch`): the posterior moments
 of the target window's VAE latents and of the (noise-augmented) reference frame's, the pose latents and the face
-tokens, channels-last as the encoders give them, plus the face-dropout flags. Frame datasets get there through
-`encode_batch` (the frozen encoders, outside the step); latent caches are read as such.
+tokens, channels-last as the encoders give them, plus the face-dropout flags and each example's position in the
+data stream. Frame datasets get there through `conditions.window_conditions` (the frozen encoders, outside the
+step); latent caches are read as such.
 
 Inside the step, for each example: x₀ = a posterior sample × the VAE's scaling factor; the image condition = a
 sample of the reference posterior × scaling factor in latent frame 0, zeros after (`conditions.image_latents`, as the
@@ -12,29 +13,34 @@ tokens (zeros where dropped) and predicts v; x̂₀ from v as the sampler comput
 1/(1−ᾱ_t)·(x̂₀ − x₀)², then the mean over the batch. (For v-prediction 1/(1−ᾱ_t)·(x̂₀ − x₀)² = (v̂ − v)², so the loss
 is the v error: about 1 at initialisation.)
 
-Randomness: example i of step s draws its timestep and noises from `fold_in(fold_in(key(seed), s), i)`.
+Randomness: the example at stream position p, in step s, draws its timestep and noises from
+`fold_in(fold_in(key(seed), s), p)`: the same draws whatever the batch's row order, its split over hosts or devices.
 Gradient accumulation: the batch is split into `grad_accum` microbatches (example i goes to microbatch i mod k, so
 each device's rows stay on it) and a `lax.scan` averages their gradients; one optimizer update per step, the same
 update (up to fp32 rounding) as without accumulation.
+
+Metrics stay on the device (the trainer reads them back in batches, without stalling dispatch): the loss, the
+trainable gradients' global norm, and `learned`, one flag per trainable leaf (`state.trainable_paths` order): its
+gradient was non-zero and its value changed in this step. A leaf never flagged in a run is dead: nothing reaches it
+(weight decay alone would move it, hence the gradient condition).
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
+from flax import traverse_util
 
 from a1_jax import conditions as cond
 from a1_jax import diffusion
 from a1_jax.models import vae
 from a1_jax.parallel import axes
-from a1_jax.train.state import TRAINABLE, TrainState
+from a1_jax.train.state import TRAINABLE, TrainState, ema_update, trainable_paths
 
 Array = jax.Array
 
@@ -48,6 +54,7 @@ class Batch:
     pose: Array  # [B, F, h, w, C] pose-guider mode × its scaling factor
     face: Array  # [B, N, D] SigLIP tokens
     drop_face: Array  # [B] bool
+    position: Array  # [B] uint32: the example's position in the data stream (its randomness depends on it)
 
 
 def batch_axes(batch: Batch) -> Batch:
@@ -104,10 +111,17 @@ def _microbatches(batch: Batch, count: int) -> Batch:
     return jax.tree_util.tree_map(split, batch)
 
 
+def example_keys(rng: Array, step: Array, positions: Array) -> Array:
+    """One PRNG key per example: `fold_in(fold_in(key, step), position)`."""
+    key = jax.random.fold_in(jax.random.wrap_key_data(rng), step)
+    return jax.vmap(jax.random.fold_in, (None, 0))(key, positions)
+
+
 def make_train_step(model: Any, optimizer: optax.GradientTransformation, labels: Any, settings: LossSettings, *,
                     grad_accum: int = 1, ema_decay: float | None = None) -> Callable:
     """`step(state, batch) -> (state, metrics)`, pure; compile it with `jit_train_step`. `labels`: the stage's
-    `trainable`/`frozen` tree (`state.stage_labels`). Metrics: the loss and the trainable gradients' global norm."""
+    `trainable`/`frozen` tree (`state.stage_labels`). Metrics: see the module docstring."""
+    paths = trainable_paths(labels)
 
     def loss_fn(params, micro, keys):
         return jnp.mean(example_losses(model, params, micro, keys, settings))
@@ -115,9 +129,7 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, labels:
     grad_fn = jax.value_and_grad(loss_fn)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Array]]:
-        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        size = batch.drop_face.shape[0]
-        keys = jax.vmap(jax.random.fold_in, (None, 0))(key, jnp.arange(size))  # example i's key, whatever the split
+        keys = example_keys(state.rng, state.step, batch.position)
         if grad_accum == 1:
             loss, grads = grad_fn(state.params, batch, keys)
         else:
@@ -133,13 +145,13 @@ def make_train_step(model: Any, optimizer: optax.GradientTransformation, labels:
             loss, grads = jax.tree_util.tree_map(lambda x: x / grad_accum, (loss, grads))
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        ema = state.ema
-        if ema is not None:
-            ema = jax.tree_util.tree_map(lambda e, p: ema_decay * e + (1 - ema_decay) * p, ema, params)
+        ema = None if state.ema is None else ema_update(state.ema, params, ema_decay, state.step)
         # Only trainable gradients: reading a frozen one would make XLA compute it.
         trained = jax.tree_util.tree_map(lambda g, label: g if label == TRAINABLE else jnp.zeros((), g.dtype),
                                          grads, labels)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(trained)}
+        flat = [traverse_util.flatten_dict(tree) for tree in (grads, state.params, params)]
+        learned = jnp.stack([jnp.any(flat[0][p] != 0) & jnp.any(flat[1][p] != flat[2][p]) for p in paths])
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(trained), "learned": learned}
         return TrainState(step=state.step + 1, params=params, opt_state=opt_state, ema=ema, rng=state.rng), metrics
 
     return step
@@ -149,46 +161,3 @@ def jit_train_step(step: Callable, state_shardings: TrainState, batch_shardings:
     """The step compiled with explicit shardings; the state's buffers are donated (updated in place)."""
     return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
                    out_shardings=(state_shardings, state_shardings.rng), donate_argnums=0)
-
-
-# --- frame datasets: the frozen encoders, outside the step ------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=None)
-def _augment(std: float, mean: float) -> Callable:
-    """Pixel noise on reference frames `[B, 1, H, W, 3]`: σ = exp(N(mean, std)) per example (CogVideoX I2V recipe)."""
-    def augment(frames, key):
-        k_sigma, k_noise = jax.random.split(key)
-        sigma = jnp.exp(mean + std * jax.random.normal(k_sigma, (frames.shape[0], 1, 1, 1, 1), jnp.float32))
-        return frames + sigma * jax.random.normal(k_noise, frames.shape, jnp.float32)
-
-    return jax.jit(augment)
-
-
-@functools.lru_cache(maxsize=None)
-def _siglip(model: Any) -> Callable:
-    return jax.jit(lambda params, pixels: model.apply({"params": params}, pixels))
-
-
-def encode_batch(networks: Any, params: Any, frames: dict[str, Array], key: Array, *, image_noise: tuple[float, float],
-                 dtype: Any) -> Batch:
-    """A frame batch (global arrays: `video`/`control` [B, T, H, W, 3] in [-1, 1], `face_pixels` SigLIP-preprocessed
-    [B, S, S, 3], `drop_face`) through the frozen VAE, pose guider and SigLIP. Call outside `jax.jit`, under the
-    mesh: the VAE drives its frame chunks (and tiles) itself, one jitted call each, as at inference."""
-    video = frames["video"].astype(dtype)
-    reference = _augment(float(image_noise[1]), float(image_noise[0]))(frames["video"][:, :1], key).astype(dtype)
-    target = vae.encode(networks.vae, params["vae"], video, tiling="auto")
-    image = vae.encode(networks.vae, params["vae"], reference, tiling="auto")
-    pose = vae.encode(networks.pose_guider, params["pose_guider"], frames["control"].astype(dtype)).mode()
-    face = _siglip(networks.siglip)(params["siglip"], frames["face_pixels"])
-    moments = lambda posterior: jnp.concatenate([posterior.mean, posterior.logvar], axis=-1)
-    return Batch(video=moments(target), image=moments(image),
-                 pose=pose * networks.pose_guider.config.scaling_factor, face=face,
-                 drop_face=frames["drop_face"])
-
-
-def siglip_pixels(faces: np.ndarray, image_size: int) -> np.ndarray:
-    """Aligned face crops uint8 `[B, S, S, 3]` -> SigLIP's preprocessed input (on the host, per example)."""
-    from a1_jax.models import siglip
-
-    return np.stack([siglip.preprocess(face, image_size) for face in np.asarray(faces)])

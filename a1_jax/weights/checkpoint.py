@@ -65,7 +65,9 @@ PIECE_BYTES = 512 * 2 ** 20
 WRITE_CHUNK_BYTES = 64 * 2 ** 20
 WORKDIR_MODEL = "model"  # a training workdir's base model (our checkpoint)
 WORKDIR_CHECKPOINTS = "checkpoints"  # its CheckpointManager folder: <step>/<item>
-TRAINED_ITEMS = ("ema", "params")  # the items holding the DiT's trained params, in the order the sampler prefers
+# The Orbax items of a training step (`checkpoints/<step>/<item>`; `a1_jax.train.trainer` writes them).
+ITEM_PARAMS, ITEM_EMA, ITEM_OPT_STATE, ITEM_META, ITEM_DATA = "params", "ema", "opt_state", "meta", "data"
+TRAINED_ITEMS = (ITEM_EMA, ITEM_PARAMS)  # the items holding the DiT's trained params, in the order the sampler prefers
 
 
 @dataclasses.dataclass(frozen=True)

@@ -9,12 +9,14 @@ latents are not a slice of a longer window's): each clip of N frames gives the w
 s = 1, T, 2T−1, … (non-overlapping, frame 0 = the reference in each, as `pipeline.clip_window` draws them), one record
 each, frames resized to H×W as the frame pipeline does. Shards sit in `DATA/a1_clips/latents/1.0.0/`; `index.json`
 gains a `latents` block (window, shapes, record count, shards, the checkpoint and a fingerprint of its encoders,
-which the trainer checks against the model it trains). A record (`tf.train.Example`) holds raw little-endian
-float16 arrays, channels-last:
+which the trainer checks against the model it trains). The shards are written under a temporary name and renamed,
+and the index is written last: an interrupted run leaves nothing a reader sees, and the same command starts over
+(on a finished cache it reports the cache). A record (`tf.train.Example`) holds raw little-endian float16 arrays, channels-last
+(`conditions.window_conditions`):
 
     video_latent   [F, h, w, 2C]  posterior moments (mean | logvar) of the window: training samples x₀ from them
-    image_latent   [1, h, w, 2C]  posterior moments of the reference frame after first-frame pixel noise, drawn once
-                                  per record (σ = exp(N(−3, 0.5)), seeded by `--seed` and the record number)
+    image_latent   [1, h, w, 2C]  posterior moments of the reference frame after pixel noise, drawn once per record
+                                  (σ = exp(N(−3, 0.5)), seeded by `--seed` and the record number)
     pose_latents   [F, h, w, C]   pose-guider mode × its scaling factor
     face_tokens    [N, D]         SigLIP tokens of the aligned face
     source, clip_index, clip (record number of the clip), frames (clip frames of the window)
@@ -34,12 +36,14 @@ import numpy as np
 
 from a1_jax.errors import UserError
 from a1_jax.train.data import records
-from a1_jax.train.data.pipeline import FACE_DROPOUT, decode_window
+from a1_jax.train.data.pipeline import FACE_DROPOUT, decode_window, host_batches
 
 CONFIG = "latents"  # the TFDS config name of latent records (shards under DATA/a1_clips/latents/1.0.0/)
 DTYPE = np.float16
-ARRAYS = ("video_latent", "image_latent", "pose_latents", "face_tokens")
-IMAGE_NOISE = (-3.0, 0.5)  # log-σ mean and std of the first-frame pixel noise
+# A record's arrays and the `conditions.window_conditions` field each holds (the batch field the trainer reads).
+FIELDS = {"video_latent": "video", "image_latent": "image", "pose_latents": "pose", "face_tokens": "face"}
+ARRAYS = tuple(FIELDS)
+PIXEL_NOISE = (-3.0, 0.5)  # log-σ mean and std of the reference frame's pixel noise
 
 
 def shard_dir(data_dir: str) -> str:
@@ -51,18 +55,24 @@ def window_starts(num_frames: int, frames: int) -> list[int]:
     return list(range(1, num_frames - frames + 2, frames - 1))
 
 
-def encoder_fingerprint(params: dict) -> str:
+def encoder_fingerprint(params: dict, mesh=None) -> str:
     """A hash of the VAE's, the pose guider's and SigLIP's params (each leaf's path, shape and first 1024 values as
     fp32): it tells whether a cache was made with the encoders of the model being trained, without reading all of
-    them."""
-    import jax
+    them. `mesh`: the one `params` are sharded over (every process gets the same hash). It also names the VAE's
+    tiling rule ("auto"): a cache encoded under another rule (older versions tiled every frame larger than a tile)
+    holds other latents for the same weights."""
+    import jax.numpy as jnp
     from flax import traverse_util
 
-    digest = hashlib.sha256()
-    for name in ("vae", "pose_guider", "siglip"):
-        for path, leaf in sorted(traverse_util.flatten_dict(params[name]).items()):
-            head = np.asarray(jax.device_get(leaf.reshape(-1)[:1024]), np.float32)
-            digest.update("/".join((name,) + path).encode() + str(tuple(leaf.shape)).encode() + head.tobytes())
+    from a1_jax import parallel
+
+    leaves = {"/".join((name,) + path): leaf for name in ("vae", "pose_guider", "siglip")
+              for path, leaf in sorted(traverse_util.flatten_dict(params[name]).items())}
+    heads = parallel.gather(lambda tree: {k: v.reshape(-1)[:1024].astype(jnp.float32) for k, v in tree.items()},
+                            leaves, mesh)
+    digest = hashlib.sha256(b"vae tiling: auto")
+    for name in leaves:
+        digest.update(name.encode() + str(tuple(leaves[name].shape)).encode() + np.asarray(heads[name]).tobytes())
     return digest.hexdigest()[:16]
 
 
@@ -92,21 +102,32 @@ def parse(data: bytes, shapes: dict[str, list[int]]) -> dict[str, np.ndarray]:
 # -------------------------------------------------------------------------------------------------------- writer
 def make_latents(data_dir: str, checkpoint: str, *, frames: int, height: int, width: int, seed: int = 0,
                  progress: bool = False) -> dict:
-    """Adds the latent cache of window T×H×W to the dataset folder `data_dir`, encoded by `checkpoint`'s encoders."""
+    """Adds the latent cache of window T×H×W to the dataset folder `data_dir`, encoded by `checkpoint`'s encoders.
+
+    The shards are written under a temporary name and renamed, then the index gains its `latents` block: an
+    interrupted run leaves no block, and the same call again starts over. The same call on a folder whose cache
+    it made reports that cache; another window or checkpoint is a `UserError`."""
     import jax
     import jax.numpy as jnp
 
-    from a1_jax.train.step import encode_batch, siglip_pixels
-    from a1_jax.train.data.writer import CLIPS_PER_SHARD, _ShardWriter
+    from a1_jax import conditions
+    from a1_jax.train.data.writer import CLIPS_PER_SHARD, ShardWriter
     from a1_jax.weights import checkpoint as ckpt
 
     start_time = time.perf_counter()
     index = records.read_index(data_dir)
-    if "latents" in index or os.path.exists(shard_dir(data_dir)):
-        raise UserError(f"{data_dir} already has a latent cache: make the dataset again to change it")
     if (frames - 1) % 4 or frames < 5 or height % 8 or width % 8:
         raise UserError(f"the cached window must have 1 + 4k (k >= 1) frames and a size divisible by 8; got "
                         f"{frames}x{height}x{width}")
+    request = {"frames": frames, "height": height, "width": width, "seed": seed,
+               "checkpoint": os.path.abspath(checkpoint)}
+    block = index.get("latents")
+    if block is not None:
+        if {key: block.get(key) for key in request} != request:
+            raise UserError(f"{data_dir} already has a latent cache of another window, seed or checkpoint "
+                            f"({block['frames']}x{block['height']}x{block['width']}, seed {block['seed']}, "
+                            f"{block['checkpoint']}): make the dataset again to change it")
+        return {**_summary(block, time.perf_counter() - start_time), "existing": True}
     configs = ckpt.ModelConfigs.from_folder(checkpoint)
     networks = ckpt.build_networks(configs, jnp.float32)
     params = ckpt.load_params(checkpoint, networks)
@@ -118,8 +139,7 @@ def make_latents(data_dir: str, checkpoint: str, *, frames: int, height: int, wi
     from array_record.python.array_record_data_source import ArrayRecordDataSource
 
     source = ArrayRecordDataSource(records.shard_paths(data_dir, index))
-    os.makedirs(shard_dir(data_dir))
-    writer = _ShardWriter(shard_dir(data_dir), CLIPS_PER_SHARD)
+    writer = ShardWriter(shard_dir(data_dir), CLIPS_PER_SHARD)
     bar = None
     if progress:
         from tqdm import tqdm
@@ -128,17 +148,15 @@ def make_latents(data_dir: str, checkpoint: str, *, frames: int, height: int, wi
     key, shapes, count = jax.random.key(seed), None, 0
     for number, entry in clips:
         record = records.parse_clip(source[number])
-        face = siglip_pixels(records.decode_image(record.face)[None], configs.siglip.image_size)
+        face = jnp.asarray(conditions.face_pixels(records.decode_image(record.face)[None], configs.siglip.image_size))
         for start in window_starts(record.num_frames, frames):
             picks = np.concatenate([[0], np.arange(start, start + frames - 1)]).astype(np.int64)
             video, control = decode_window(record, picks, height, width)
-            frames_in = {"video": jnp.asarray(video[None]), "control": jnp.asarray(control[None]),
-                         "face_pixels": jnp.asarray(face), "drop_face": jnp.zeros((1,), bool)}
-            batch = encode_batch(networks, params, frames_in, jax.random.fold_in(key, count),
-                                 image_noise=IMAGE_NOISE, dtype=jnp.float32)
-            arrays = {"video_latent": batch.video[0], "image_latent": batch.image[0], "pose_latents": batch.pose[0],
-                      "face_tokens": batch.face[0]}
-            arrays = {name: np.asarray(value) for name, value in arrays.items()}
+            encoded = conditions.window_conditions(networks, params, jnp.asarray(video[None]),
+                                                   jnp.asarray(control[None]), face,
+                                                   jax.random.fold_in(key, count)[None], pixel_noise=PIXEL_NOISE,
+                                                   dtype=jnp.float32)
+            arrays = {name: np.asarray(encoded[field][0]) for name, field in FIELDS.items()}
             shapes = {name: list(value.shape) for name, value in arrays.items()}
             writer.write(serialize(arrays, source=record.source, clip_index=record.clip_index, clip=number,
                                    frames=picks))
@@ -147,15 +165,18 @@ def make_latents(data_dir: str, checkpoint: str, *, frames: int, height: int, wi
             bar.update(1)
     if bar is not None:
         bar.close()
-    shards = writer.close(data_dir)
-    index["latents"] = {"config": CONFIG, "frames": frames, "height": height, "width": width, "dtype": "float16",
-                        "records": count, "shapes": shapes, "shards": shards, "seed": seed,
-                        "image_noise": list(IMAGE_NOISE), "checkpoint": os.path.abspath(checkpoint),
+    index["latents"] = {"config": CONFIG, **request, "dtype": "float16", "records": count, "shapes": shapes,
+                        "shards": writer.close(data_dir), "pixel_noise": list(PIXEL_NOISE),
                         "fingerprint": encoder_fingerprint(params)}
     records.write_index(data_dir, index)
-    total = sum(shard["bytes"] for shard in shards)
-    return {"latent_records": count, "latent_bytes": total, "bytes_per_record": round(total / max(count, 1)),
-            "window": [frames, height, width], "latent_seconds": round(time.perf_counter() - start_time, 3)}
+    return _summary(index["latents"], time.perf_counter() - start_time)
+
+
+def _summary(block: dict, seconds: float) -> dict:
+    total = sum(shard["bytes"] for shard in block["shards"])
+    return {"latent_records": block["records"], "latent_bytes": total,
+            "bytes_per_record": round(total / max(block["records"], 1)),
+            "window": [block["frames"], block["height"], block["width"]], "latent_seconds": round(seconds, 3)}
 
 
 def run_make_latents(args) -> dict:
@@ -204,7 +225,7 @@ def latent_dataset(data_dir: str, *, batch_size: int, seed: int, face_dropout: f
                    shard_index: int | None = None, shard_count: int | None = None, num_epochs: int | None = None,
                    read_threads: int = 4):
     """The batches of this host from the latent cache (a `grain.IterDataset`): `video`, `image`, `pose`, `face`
-    (float32, shapes of the index), `drop_face` [B] bool, `clip` [B], `frames` [B, T]. Order as
+    (float32, shapes of the index), `drop_face` [B] bool, `clip` [B], `frames` [B, T], `position` [B]. Order as
     `pipeline.training_dataset`."""
     import grain
 
@@ -214,10 +235,6 @@ def latent_dataset(data_dir: str, *, batch_size: int, seed: int, face_dropout: f
         raise UserError(f"{data_dir} has no latent cache: make one with `a1-jax make-dataset --latents CHECKPOINT`")
     if not 0.0 <= face_dropout <= 1.0:
         raise UserError(f"face dropout must be a probability in [0, 1], got {face_dropout}")
-    if shard_index is None or shard_count is None:
-        import jax
-
-        shard_index, shard_count = jax.process_index(), jax.process_count()
     paths = [os.path.join(data_dir, shard["path"]) for shard in block["shards"]]
     for path in paths:
         if not os.path.isfile(path):
@@ -227,10 +244,9 @@ def latent_dataset(data_dir: str, *, batch_size: int, seed: int, face_dropout: f
     def example(item, rng):
         number, data = item
         arrays = parse(data, shapes)
-        return {"video": arrays["video_latent"], "image": arrays["image_latent"], "pose": arrays["pose_latents"],
-                "face": arrays["face_tokens"], "drop_face": np.bool_(rng.random() < face_dropout),
-                "clip": arrays["clip"], "frames": arrays["frames"]}
+        return {**{field: arrays[name] for name, field in FIELDS.items()},
+                "drop_face": np.bool_(rng.random() < face_dropout), "clip": arrays["clip"], "frames": arrays["frames"]}
 
-    ds = grain.MapDataset.source(LatentSource(paths)).seed(seed).shuffle().repeat(num_epochs)
-    ds = ds.random_map(example)[shard_index::shard_count].batch(batch_size, drop_remainder=True)
+    ds = grain.MapDataset.source(LatentSource(paths)).seed(seed).shuffle().repeat(num_epochs).random_map(example)
+    ds = host_batches(ds, batch_size=batch_size, shard_index=shard_index, shard_count=shard_count)
     return ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))

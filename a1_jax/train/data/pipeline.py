@@ -15,6 +15,8 @@ Batches are dicts of NumPy arrays:
     drop_face  [B] bool                            face-token dropout: the trainer zeros this example's face tokens
     clip       [B] int64                           the clip's record number in the folder (its `index.json` entry)
     frames     [B, T] int64                        the clip frames used: 0, then s, s+1, …, s+T-2
+    position   [B] uint32                          the example's position in the global stream (mod 2^32): the
+                                                   trainer draws the example's noise from it
 
 Window. Frame 0 (the reference, as at inference) and the T-1 consecutive frames from s ~ U{1, …, N-T+1} of an
 N-frame clip; clips shorter than T are left out before shuffling (their lengths are in `index.json`). Frames are
@@ -23,10 +25,11 @@ are `uint8 / 255 * 2 - 1`, the reference pipeline's `/255` then normalise to [-1
 
 Order and randomness. One global stream serves all hosts: records shuffled, reshuffled every epoch (grain's
 `shuffle` then `repeat`); each element's window and dropout flag drawn from the seed and its position in the stream
-(`random_map`); then host i of n takes stream positions i, i+n, i+2n, … (`ds[i::n]`, i = `jax.process_index()`,
-n = `jax.process_count()` by default) and batches them. The stream is the same whatever the number of hosts, hosts
-see disjoint elements, and together they cover every epoch. Batching happens before the iterator, so grain's read
-threads and optional worker processes (`worker_count`) prefetch whole batches: the batches do not depend on either.
+(`random_map`), its position recorded; then host i of n takes stream positions i, i+n, i+2n, … (`ds[i::n]`,
+i = `jax.process_index()`, n = `jax.process_count()` by default) and batches them. The stream is the same whatever
+the number of hosts, hosts see disjoint elements, and together they cover every epoch. Batching happens before the
+iterator, so grain's read threads and optional worker processes (`worker_count`) prefetch whole batches: the
+batches do not depend on either.
 Worker processes need the main script's `if __name__ == "__main__":` guard; the default is none (threads only).
 
 Checkpointing: `get_state()` / `set_state()` on the iterator, or the iterator as an Orbax item through
@@ -101,6 +104,19 @@ def decode_window(record: records.ClipRecord, picks: np.ndarray, height: int, wi
     return _to_signed(video), _to_signed(control)
 
 
+def host_batches(ds, *, batch_size: int, shard_index: int | None, shard_count: int | None):
+    """The stream `ds` (a `MapDataset` of example dicts) with each example's `position`, host `shard_index`'s share
+    (positions shard_index, shard_index + shard_count, …; default: this JAX process of all), batched."""
+    if shard_index is None or shard_count is None:
+        import jax
+
+        shard_index, shard_count = jax.process_index(), jax.process_count()
+    if not 0 <= shard_index < shard_count:
+        raise UserError(f"shard index {shard_index} is not in [0, {shard_count})")
+    ds = ds.map_with_index(lambda position, example: {**example, "position": np.uint32(position % 2 ** 32)})
+    return ds[shard_index::shard_count].batch(batch_size, drop_remainder=True)
+
+
 def training_dataset(data_dir: str, *, batch_size: int, frames: int, height: int, width: int, seed: int,
                      face_dropout: float = FACE_DROPOUT, shard_index: int | None = None,
                      shard_count: int | None = None, num_epochs: int | None = None, read_threads: int = 4,
@@ -122,12 +138,6 @@ def training_dataset(data_dir: str, *, batch_size: int, frames: int, height: int
                         f"one more), got {frames}")
     if not 0.0 <= face_dropout <= 1.0:
         raise UserError(f"face dropout must be a probability in [0, 1], got {face_dropout}")
-    if shard_index is None or shard_count is None:
-        import jax
-
-        shard_index, shard_count = jax.process_index(), jax.process_count()
-    if not 0 <= shard_index < shard_count:
-        raise UserError(f"shard index {shard_index} is not in [0, {shard_count})")
     lengths = np.array([clip["frames"] for clip in index["clips"]], np.int64)
     eligible = np.flatnonzero(lengths >= frames)
     if not len(eligible):
@@ -140,7 +150,7 @@ def training_dataset(data_dir: str, *, batch_size: int, frames: int, height: int
     def example(item, rng):
         return make_example(item, rng, frames=frames, height=height, width=width, face_dropout=face_dropout)
 
-    ds = ds.random_map(example)[shard_index::shard_count].batch(batch_size, drop_remainder=True)
+    ds = host_batches(ds.random_map(example), batch_size=batch_size, shard_index=shard_index, shard_count=shard_count)
     iterable = ds.to_iter_dataset(grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=read_threads))
     if worker_count > 0:
         from absl import flags

@@ -16,6 +16,11 @@ A video that cannot be decoded, is too short, or has no usable face is skipped a
 `{file, reason}` per skipped video; a video that gives some clips lists each failed clip as `{file, clip, reason}`).
 Videos run in parallel worker processes (`workers`); results are written in sorted file order, so the folder's bytes
 do not depend on the number of workers.
+
+Interrupted runs. Shards are written into `<shard folder>.partial`, renamed to the shard folder when complete, and
+`index.json` comes last: a folder without an index is unfinished, and the same command again clears what a killed
+run left and starts over. The same command on a finished folder (same video names and sizes, same shard size)
+reports the dataset it holds; other videos into a finished folder are a `UserError`.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import collections
 import dataclasses
 import itertools
 import os
+import shutil
 import time
 from typing import Iterator
 
@@ -147,11 +153,16 @@ def _results(videos_dir: str, sources: list[str], landmarker_path: str, workers:
             yield pending.popleft().get()
 
 
-class _ShardWriter:
-    """Clips in order into shards of `clips_per_shard`; final TFDS names (which need the count) on `close`."""
+class ShardWriter:
+    """Records in order into shards of `clips_per_shard` records, in `<directory>.partial`; `close` gives them their
+    TFDS names (which need the count) and renames the folder to `directory`. Whatever an interrupted run left in
+    either folder is removed first: the caller has checked that no index lists it."""
 
     def __init__(self, directory: str, clips_per_shard: int):
-        self.directory, self.clips_per_shard = directory, clips_per_shard
+        self.final, self.directory, self.clips_per_shard = directory, directory + ".partial", clips_per_shard
+        for leftover in (self.directory, self.final):
+            shutil.rmtree(leftover, ignore_errors=True)
+        os.makedirs(self.directory)
         self.parts: list[dict] = []  # {"path": temporary path, "clips": n, "bytes": b}
         self._writer = None
 
@@ -174,34 +185,36 @@ class _ShardWriter:
             self._writer = None
 
     def close(self, data_dir: str) -> list[dict]:
-        """Renames the parts to their shard names; the index entries, paths relative to `data_dir`."""
+        """Names the shards, moves the folder into place; the index entries, paths relative to `data_dir`."""
         self._close_part()
         shards = []
         for number, part in enumerate(self.parts):
-            path = os.path.join(self.directory, records.shard_name(number, len(self.parts)))
-            os.replace(part["path"], path)
-            shards.append({"path": os.path.relpath(path, data_dir), "clips": part["clips"],
-                           "bytes": os.path.getsize(path)})
+            name = records.shard_name(number, len(self.parts))
+            os.replace(part["path"], os.path.join(self.directory, name))
+            shards.append({"path": os.path.relpath(os.path.join(self.final, name), data_dir), "clips": part["clips"],
+                           "bytes": os.path.getsize(os.path.join(self.directory, name))})
+        os.rename(self.directory, self.final)
         return shards
 
 
-def _prepare_output(out_dir: str) -> str:
-    """The shard folder, created; UserError before any work if `out_dir` cannot be written or holds a dataset."""
-    shard_dir = records.dataset_dir(out_dir)
-    existing = [path for path in (os.path.join(out_dir, records.INDEX_FILE), os.path.join(out_dir,
-                                                                                           records.DATASET_NAME))
-                if os.path.exists(path)]
-    if existing:
-        raise UserError(f"{out_dir} already holds a dataset ({', '.join(existing)}): remove it or choose another --out")
+def _check_output(out_dir: str) -> None:
+    """UserError before any work if `out_dir` cannot be written."""
     try:
-        os.makedirs(shard_dir, exist_ok=True)
+        os.makedirs(out_dir, exist_ok=True)
         probe = os.path.join(out_dir, ".write-test")
         with open(probe, "w"):
             pass
         os.remove(probe)
     except OSError as e:
         raise UserError(f"cannot write the dataset to {out_dir}: {e.strerror or e}") from None
-    return shard_dir
+
+
+def _summary(index: dict, out_dir: str, seconds: float) -> dict:
+    clips = index["clips"]
+    return {"videos": index["videos"], "clips": len(clips), "skipped": index["skipped"], "shards": len(index["shards"]),
+            "bytes": sum(shard["bytes"] for shard in index["shards"]),
+            "bytes_per_clip": round(np.mean([clip["bytes"] for clip in clips])) if clips else 0,
+            "seconds": round(seconds, 3), "out": out_dir, "ok": bool(clips)}
 
 
 def make_dataset(videos_dir: str, out_dir: str, *, landmarker_path: str | None = None, workers: int = 1,
@@ -216,9 +229,17 @@ def make_dataset(videos_dir: str, out_dir: str, *, landmarker_path: str | None =
         raise UserError(f"--clips-per-shard must be at least 1, got {clips_per_shard}")
     sources = find_videos(videos_dir)
     model = find_landmarker_model(landmarker_path)
-    shard_dir = _prepare_output(out_dir)  # last check: a failed run before it leaves no folder behind
+    request = {"sources": [{"file": source, "bytes": os.path.getsize(os.path.join(videos_dir, source))}
+                           for source in sources], "clips_per_shard": clips_per_shard}
+    if os.path.exists(os.path.join(out_dir, records.INDEX_FILE)):
+        index = records.read_index(out_dir)
+        if {key: index.get(key) for key in request} != request:
+            raise UserError(f"{out_dir} already holds a dataset of other videos (or another --clips-per-shard): "
+                            "remove it or choose another --out")
+        return {**_summary(index, out_dir, time.perf_counter() - start_time), "existing": True}
+    _check_output(out_dir)  # last check: a failed run before it leaves no folder behind
 
-    writer = _ShardWriter(shard_dir, clips_per_shard)
+    writer = ShardWriter(records.dataset_dir(out_dir), clips_per_shard)
     clips, skipped = [], []
     bar = None
     if progress:
@@ -235,17 +256,14 @@ def make_dataset(videos_dir: str, out_dir: str, *, landmarker_path: str | None =
             bar.set_postfix(clips=len(clips), skipped=len(skipped))
     if bar is not None:
         bar.close()
-    shards = writer.close(out_dir)
-    total_bytes = sum(shard["bytes"] for shard in shards)
-    records.write_index(out_dir, {
+    index = {
         "format": records.INDEX_FORMAT, "version": records.VERSION, "fields": list(records.FIELDS),
         "fps": TARGET_FPS, "height": CANVAS_HEIGHT, "width": CANVAS_WIDTH, "face_size": FACE_SIZE,
         "clip_frames": CLIP_FRAMES, "min_clip_frames": MIN_CLIP_FRAMES, "video_encoding": "jpeg",
         "jpeg_quality": records.JPEG_QUALITY, "control_encoding": "png", "num_clips": len(clips),
-        "videos": len(sources), "shards": shards, "clips": clips, "skipped": skipped})
-    return {"videos": len(sources), "clips": len(clips), "skipped": skipped, "shards": len(shards),
-            "bytes": total_bytes, "bytes_per_clip": round(np.mean([clip["bytes"] for clip in clips])) if clips else 0,
-            "seconds": round(time.perf_counter() - start_time, 3), "out": out_dir, "ok": bool(clips)}
+        "videos": len(sources), "shards": writer.close(out_dir), "clips": clips, "skipped": skipped, **request}
+    records.write_index(out_dir, index)
+    return _summary(index, out_dir, time.perf_counter() - start_time)
 
 
 def run_make_dataset(args) -> dict:
