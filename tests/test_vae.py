@@ -13,7 +13,7 @@ import torch
 from flax import traverse_util
 from flax.core import meta
 
-from a1_jax import cli, parallel
+from a1_jax import cli
 from a1_jax.config import VAEConfig, read_json
 from a1_jax.errors import UserError
 from a1_jax.models import vae
@@ -242,30 +242,6 @@ def test_chunk_driver_compiles_two_chunk_shapes_whatever_the_length(tiny):
     long = vae.decode(model, params, latents(11))  # 3, 2, 2, 2, 2
     assert step._cache_size() == before + 2
     assert short.shape == (1, 25, 24, 40, 3) and long.shape == (1, 41, 24, 40, 3)
-
-
-def test_steady_chunk_compiles_beside_the_first_into_the_same_cache_entry(tiny, tmp_path):
-    """The steady chunk's program compiles on another thread while the first chunk's compiles; the driver's own call
-    then finds it in the persistent cache: two programs written, not three (a second key would be a second compile),
-    also under a mesh and its rules, which are thread-local."""
-    config, _, model, params = tiny
-    cache_dir = jax.config.jax_compilation_cache_dir
-    assert cache_dir, "the tests run with a persistent compilation cache (conftest)"
-    programs = lambda: {p.name for p in pathlib.Path(cache_dir).iterdir() if p.name.startswith("jit__lambda")}
-    before, minimum = programs(), jax.config.jax_persistent_cache_min_compile_time_secs
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
-    try:
-        latents = jnp.asarray(np.random.default_rng(0).standard_normal((1, 5, 2, 3, 4)), jnp.float32)  # chunks 3, 2
-        step = vae._chunk_step(model, "decode_chunk")
-        mesh = parallel.make_mesh(parallel.load_preset("single"), jax.devices()[:1])  # as the Animator runs it
-        placed = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        with parallel.activate(mesh, ()):
-            video = vae.decode(model, placed, latents)
-    finally:
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", minimum)
-    assert video.shape == (1, 17, 16, 24, 3)
-    assert (step, (1, 3, 2, 3, 4), (1, 2, 2, 3, 4), latents.dtype) in vae._COMPILED_BESIDE
-    assert len(programs() - before) == 2
 
 
 def test_5b_tile_geometry_is_the_reference_one():

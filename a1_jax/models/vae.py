@@ -25,7 +25,6 @@ Numerics follow diffusers' `AutoencoderKLCogVideoX` (installed 0.42.1; identical
 
 from __future__ import annotations
 
-import concurrent.futures
 import functools
 from typing import Any, Callable
 
@@ -550,28 +549,6 @@ def _chunk_step(model: AutoencoderKLCogVideoX, method: str) -> Callable:
                    donate_argnums=2)
 
 
-_COMPILER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="a1_jax-vae-compile")
-_COMPILED_BESIDE: set = set()
-
-
-def _compile_beside(step: Callable, params: Any, first: jax.Array,
-                    steady: jax.Array) -> concurrent.futures.Future | None:
-    """Starts compiling the steady chunk's program on another thread while this one compiles and runs the first
-    chunk's: XLA compiles on one core, so a cold run leaves the other idle (on 2 cores the pair takes the time of one).
-    The executable reaches `step` through the persistent compilation cache; without one there is nothing to share
-    and nothing is started. Once per step and shapes (later tiles and videos find it in `step`'s own cache)."""
-    key = (step, first.shape, steady.shape, first.dtype)
-    if not jax.config.jax_compilation_cache_dir or key in _COMPILED_BESIDE:
-        return None
-    _COMPILED_BESIDE.add(key)
-    # Lowered here, with the shardings the call will see (the chunk's; the cache comes out placed like it): the
-    # caller's mesh and axis rules are thread-local, and any difference would make it a second program.
-    spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=steady.sharding)
-    cache = jax.tree.map(spec, jax.eval_shape(step, params, first, None)[1])
-    lowered = step.lower(params, spec(steady), cache)
-    return _COMPILER.submit(lowered.compile)
-
-
 def _on_device(params: Any) -> Any:
     """Host arrays put on the default device once, not once per chunk call; device arrays (sharded over another
     process's devices too, in multi-host training) stay where they are."""
@@ -585,14 +562,11 @@ def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
     One XLA call per chunk, so peak memory is one chunk's working set. (Under one jit, XLA removes a one-trip loop and
     overlaps the two chunks' buffers, which doubled the 5B decode's memory at 5 latents.) `tick()` after each chunk has
     been computed (progress bars; it waits for the chunk, which dispatch would otherwise run ahead of)."""
-    first, size, count = chunk_sizes(x.shape[1], chunk)
+    first, size, _ = chunk_sizes(x.shape[1], chunk)
     starts = [0, *range(first, x.shape[1], size)]
-    steady = _compile_beside(step, params, x[:, :first], x[:, first:first + size]) if count else None
     outputs, cache = [], None
     for k, start in enumerate(starts):
         stop = first if k == 0 else start + size
-        if k == 1 and steady is not None:
-            steady.exception()  # wait; if it failed, the call below compiles (and reports) it itself
         y, cache = step(params, x[:, start:stop], cache)
         outputs.append(y)
         if tick is not None:

@@ -83,14 +83,15 @@ class _Stages:
 
 def our_clip(animator: Any, canvas: np.ndarray, face: np.ndarray, control: np.ndarray, image_noise: np.ndarray,
              noise: np.ndarray) -> tuple[dict[str, float], Any, np.ndarray]:
-    """One window through the Animator: `(seconds per stage, final latents, uint8 frames)`."""
+    """One window through the Animator: `(seconds per stage, final latents, uint8 frames)`. Tiled as the release's
+    `enable_tiling()`, which the torch loop runs (the 5B VAE at full geometry tiles under "auto" anyway)."""
     import jax
 
     stages = _Stages(jax.block_until_ready)
-    conditions = stages("conditions", lambda: animator.conditions(animator.encode_reference(canvas, face), control,
-                                                                  image_noise=image_noise))
+    conditions = stages("conditions", lambda: animator.conditions(
+        animator.encode_reference(canvas, face, tiling=True), control, image_noise=image_noise))
     latents, _ = stages("denoise", lambda: animator.denoise(conditions, steps=STEPS, guidance=GUIDANCE, noise=noise))
-    frames = stages("decode", lambda: animator.decode(latents))
+    frames = stages("decode", lambda: animator.decode(latents, tiling=True))
     stages.seconds["total_s"] = sum(stages.seconds.values())
     return stages.seconds, latents, frames
 
@@ -141,7 +142,8 @@ def train_step(configs: Any, blocks: int, batch: int, repeats: int, seed: int, d
                      out_shardings=param_shardings)(jax.random.key(seed))
     labels = train_state.stage_labels(params, config.stage)
     optimizer = train_state.make_optimizer(config.optimizer, labels)
-    init = lambda p: train_state.init_state(p, optimizer, seed, config.ema_decay is not None)
+    ema_paths = train_state.trainable_paths(labels) if config.ema_decay is not None else None
+    init = lambda p: train_state.init_state(p, optimizer, seed, ema_paths)
     shardings = train_state.state_shardings(jax.eval_shape(init, params), param_shardings, mesh)
     state = jax.jit(init, out_shardings=shardings)(params)
     del params
@@ -153,7 +155,8 @@ def train_step(configs: Any, blocks: int, batch: int, repeats: int, seed: int, d
         image=jax.random.normal(keys[1], abstract.image.shape, jnp.float32),
         pose=jax.random.normal(keys[2], abstract.pose.shape, jnp.float32),
         face=jax.random.normal(keys[3], abstract.face.shape, jnp.float32),
-        drop_face=jnp.zeros(abstract.drop_face.shape, bool))
+        drop_face=jnp.zeros(abstract.drop_face.shape, bool),
+        position=jnp.arange(abstract.position.shape[0], dtype=jnp.uint32))
     data = jax.device_put(data, batch_shardings)
     with parallel.activate(mesh, rules):
         start = time.perf_counter()

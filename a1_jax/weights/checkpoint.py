@@ -422,15 +422,15 @@ def _no_host_copies():
 
 
 def _write_pieces(params_dir: str, pieces: Mapping[str, list[Key]], read: Callable[[list[Key]], dict[Key, Any]],
-                  progress: Callable[[int], None]) -> None:
-    """Writes every piece not written yet (an earlier, interrupted run's pieces stay), one at a time."""
+                  progress: Callable[[int], None], resume: bool = True) -> None:
+    """Writes the pieces one at a time; with `resume`, only those not written yet (an interrupted run's stay)."""
     import orbax.checkpoint as ocp
 
     os.makedirs(params_dir, exist_ok=True)
     with _no_host_copies(), ocp.StandardCheckpointer() as checkpointer:
         for piece, keys in pieces.items():
             path = os.path.join(params_dir, piece)
-            if not os.path.isdir(path):
+            if not (resume and os.path.isdir(path)):
                 leaves = read(keys)
                 # Written in chunks: TensorStore then encodes one chunk at a time (whole, a 3 GB leaf peaked at 3x).
                 chunked = {key: ocp.SaveArgs(chunk_byte_size=WRITE_CHUNK_BYTES) for key in leaves}
@@ -643,18 +643,26 @@ def save_checkpoint(out: str | os.PathLike, config_folder: str | os.PathLike, pa
     """Writes our checkpoint: the configs of `config_folder` and `params` (host or device arrays) in Orbax pieces.
     The marker file is written last, so a folder without it is an interrupted save, never mistaken for a checkpoint;
     saving again over such a folder starts it afresh. `sources`: where each network's weights came from
-    (`"random (seed 0)"`, a path), kept in the marker for `weight_sources`."""
+    (`"random (seed 0)"`, a path), kept in the marker for `weight_sources`. With several processes every one calls
+    it (each writes its shards of every piece); process 0 alone clears the folder and writes configs and marker."""
     out = os.path.abspath(os.fspath(out))
     if is_converted(out):
         raise UserError(f"{out} is already a checkpoint")
     flat = {(name, *path): leaf for name in NETWORKS for path, leaf in traverse_util.flatten_dict(params[name]).items()}
     pieces = plan_pieces({key: _nbytes(leaf) for key, leaf in flat.items()})
     params_dir = os.path.join(out, PARAMS)
-    shutil.rmtree(params_dir, ignore_errors=True)
-    os.makedirs(out, exist_ok=True)
-    _copy_configs(os.fspath(config_folder), out)
-    _write_pieces(params_dir, pieces, lambda keys: {key: flat[key] for key in keys}, lambda piece: None)
-    _finish(out, None, sources)
+    if jax.process_index() == 0:
+        shutil.rmtree(params_dir, ignore_errors=True)
+        os.makedirs(out, exist_ok=True)
+        _copy_configs(os.fspath(config_folder), out)
+    parallel.barrier("a1_jax.save_checkpoint.cleared")
+    # Every piece is written by every process: skipping the ones "already there" (what a resumed convert does) would
+    # let one process skip a piece another has just begun, and the collective save would never complete.
+    _write_pieces(params_dir, pieces, lambda keys: {key: flat[key] for key in keys}, lambda piece: None,
+                  resume=False)
+    parallel.barrier("a1_jax.save_checkpoint.written")
+    if jax.process_index() == 0:
+        _finish(out, None, sources)
 
 
 def _prepare_convert(out: str, origin: dict) -> str:
