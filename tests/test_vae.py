@@ -53,6 +53,22 @@ def test_tiny_parity_per_frame_count(tiny, frames, latents, decoded):
     assert max(rel.values()) <= FP32_TOLERANCE, rel
 
 
+def test_decoding_a_prefix_gives_the_first_frames_of_the_whole_decode(tiny):
+    """`frames=n` decodes only the chunks the first n frames need, on the whole decode's chunk boundaries (the first
+    3 latents -> 9 frames, then 2 -> 8 more): the same numbers, bit for bit, in fewer chunk calls."""
+    config, _, model, params = tiny
+    assert [vae.decoding_prefix(13, n, config) for n in (1, 9, 10, 17, 18, 49, 60)] == [3, 3, 5, 5, 7, 13, 13]
+    assert [vae.decoding_prefix(12, n, config) for n in (8, 9, 40, 41)] == [2, 4, 10, 12]  # even: 2 first, 8 frames each
+    latents = jnp.asarray(np.random.default_rng(0).standard_normal((1, 13, 4, 6, config.latent_channels)),
+                          jnp.float32)
+    whole = np.asarray(vae.decode(model, params, latents))
+    calls = []
+    part = np.asarray(vae.decode(model, params, latents, frames=18, progress=lambda done, total: calls.append(
+        (done, total))))
+    assert whole.shape[1] == 49 and part.shape[1] == 18 and calls[-1] == (3, 3)  # of 6
+    np.testing.assert_array_equal(part, whole[:, :18])
+
+
 def test_tiny_parity_tiled(tiny):
     """1.5 tiles each way: 2x2 tiles in both directions, each with its own frame chunking, blended and cropped."""
     config, reference, model, params = tiny

@@ -90,6 +90,18 @@ def decoded_frames(latent_frames: int, config: VAEConfig) -> int:
     return 1 + (latent_frames - 1) * ratio if latent_frames % 2 else latent_frames * ratio
 
 
+def decoding_prefix(latent_frames: int, frames: int, config: VAEConfig) -> int:
+    """The fewest leading latents of `latent_frames` whose decode is exactly the first `frames` frames of decoding
+    them all: a prefix that ends on one of the full decode's chunk boundaries (GroupNorm statistics and the causal
+    conv cache are per chunk, so a prefix chunked differently would be another function). All of them if none is
+    enough."""
+    first, size, count = chunk_sizes(latent_frames, DECODE_CHUNK_FRAMES)
+    for end in (first + size * i for i in range(count + 1)):
+        if decoded_frames(first, config) + (end - first) // size * decoded_frames(size, config) >= frames:
+            return end
+    return latent_frames
+
+
 def chunk_activation_bytes(config: VAEConfig, frames: int, height: int, width: int, dtype: Dtype) -> int:
     """The largest activation of one untiled chunk of `frames` pixel frames at height x width (an upper bound: every
     level's width at that level's resolution, before time compression)."""
@@ -635,14 +647,18 @@ def encode(model: AutoencoderKLCogVideoX, params: Any, video: jax.Array, tiling:
 
 
 def decode(model: AutoencoderKLCogVideoX, params: Any, latents: jax.Array, tiling: bool | str = False,
-           progress: Callable[[int, int], None] | None = None) -> jax.Array:
+           progress: Callable[[int, int], None] | None = None, frames: int | None = None) -> jax.Array:
     """Video `[B, T', H, W, C]` of `latents`, with exactly diffusers' frame count (13 latents -> 49 frames; an even
-    2-latent chunk gives 8 frames); `tiling` as in `encode`. Call it outside `jax.jit`; `progress(done, total)` counts
-    its chunk calls."""
+    2-latent chunk gives 8 frames); `tiling` as in `encode`. `frames`: only the first `frames` of them, the same
+    numbers, decoding no more chunks than they need (`decoding_prefix`). Call it outside `jax.jit`;
+    `progress(done, total)` counts its chunk calls."""
     if model.encoder_only:
         raise ValueError("this VAE was built with encoder_only=True and has no decoder")
-    tiles = decode_tiles(model, latents.shape, tiling)
-    return _drive(model, "decode_chunk", params, latents, DECODE_CHUNK_FRAMES, tiles, progress)
+    tiles = decode_tiles(model, latents.shape, tiling)  # the whole's plan: a prefix tiles as the whole does
+    if frames is not None:
+        latents = latents[:, :decoding_prefix(latents.shape[1], frames, model.config)]
+    video = _drive(model, "decode_chunk", params, latents, DECODE_CHUNK_FRAMES, tiles, progress)
+    return video if frames is None else video[:, :frames]
 
 
 def abstract_params(config: VAEConfig, encoder_only: bool = False, param_dtype: Dtype = jnp.float32) -> Any:

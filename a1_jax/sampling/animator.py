@@ -228,15 +228,16 @@ class Animator:
             return self._denoise(self.params["transformer"], *inputs, use_cfg=guidance > 1, on_step=self._on_step)
 
     def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None, *,
-               tiling: bool | str = "auto") -> np.ndarray:
+               tiling: bool | str = "auto", frames: int | None = None) -> np.ndarray:
         """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (VAE decode, `tiling` as `vae.decode`; diffusers'
-        postprocessing). `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
+        postprocessing), or only the first `frames` of them (fewer chunks decoded, the same numbers).
+        `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
         # In the reference's dtype and order (`1 / scaling_factor * latents`; `x * 0.5 + 0.5`, clamped, before the
         # float cast): in bf16 each rounds, and a level of output can depend on it.
         with self._on_mesh():
             z = cond.from_dit_layout((1 / self.configs.vae.scaling_factor) * latents.astype(self.dtype))
             video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=tiling,
-                               progress=progress)
+                               progress=progress, frames=frames)
         video = np.asarray(jnp.clip(video[0] * 0.5 + 0.5, 0, 1).astype(jnp.float32))
         return np.rint(video * 255).astype(np.uint8)
 
@@ -331,8 +332,9 @@ class Animator:
                     raise NonFiniteLatents(f"the denoised latents of window {k + 1} of {count} hold NaN or Inf: the "
                                            "weights or the inputs are broken; nothing was decoded")
             with stages("decode"):
+                # A short clip's or the last window's padding is never shown: its chunks are not decoded.
                 decoded = self.decode(latents, progress=lambda done, total: stages.advance(
-                    done, total, f"{where}chunks".replace(": ", " · ")))
+                    done, total, f"{where}chunks".replace(": ", " · ")), frames=plan.frames_shown(k))
             yield decoded, frames
             drop = max(0, min(plan.stride, len(driving)))  # the next window starts `stride` frames later
             driving, base = driving[drop:], base + drop

@@ -48,6 +48,13 @@ class WindowPlan:
             starts.append(starts[-1] + self.stride)
         return starts
 
+    def frames_shown(self, k: int) -> int:
+        """How many leading frames of window k's `1 + window` decoded frames `stitch` uses: all but the last
+        window's padding."""
+        if k < len(self.starts) - 1:
+            return 1 + self.window
+        return 1 + min(self.window, self.num_driving - self.starts[k])
+
     def indices(self, start: int) -> np.ndarray:
         """Driving-frame indices of the window at `start`, right-padded with the last driving frame."""
         return np.minimum(np.arange(start, start + self.window), self.num_driving - 1)
