@@ -24,6 +24,7 @@ from a1_jax.motion.reference import crop_and_resize
 from a1_jax.parity import errors
 from a1_jax.parity import pipeline as reference
 from a1_jax.sampling import Animator
+from a1_jax.sampling.animator import wants_offload
 from a1_jax.sampling.denoise import Overlap
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
@@ -210,14 +211,29 @@ def converted(release, tmp_path_factory):
     return out
 
 
-def test_convert_then_load_gives_the_same_latents(release, inputs, animator, converted):
+def test_convert_then_load_gives_the_same_latents_and_offloaded_the_same_frames(release, inputs, animator,
+                                                                                converted):
     canvas, face, controls = inputs
     noises = _noises(animator, 3)
     expected, _ = _ours(animator, canvas, face, controls[0], *noises)
-    restored = Animator.from_pretrained(converted, dtype="float32")
+    # Restored with offload: every network in pinned host memory, placed on the device for its stage only.
+    restored = Animator.from_pretrained(converted, dtype="float32", offload=True)
     assert checkpoint.is_converted(converted) and not list(converted.rglob("*.safetensors"))
+    card = type("Card", (), {"platform": "gpu", "memory_stats": lambda self: {"bytes_limit": 24 * 10**9}})()
+    assert wants_offload("auto", {card: 13 * 10**9}) and not wants_offload("auto", {card: 11 * 10**9})
+    assert not wants_offload("auto", {jax.devices()[0]: 10**15})  # the CPU backend has no device limit: off
+    with pytest.raises(UserError, match="--offload must be on, off or auto"):
+        wants_offload("yes", {})
+    assert {leaf.sharding.memory_kind for leaf in jax.tree_util.tree_leaves(restored.params)} == {"pinned_host"}
+    on_device = lambda: {id(x): x.nbytes for x in jax.live_arrays() if x.sharding.memory_kind == "device"}
+    before = on_device()
     got, _ = _ours(restored, canvas, face, controls[0], *noises)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    np.testing.assert_array_equal(restored.decode(got), animator.decode(expected))  # the frames, bit for bit
+    # Each stage's placed copy was freed when it ended: what is new on the device is far less than any network.
+    new = sum(n for i, n in on_device().items() if i not in before)
+    smallest = min(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)) for tree in restored.params.values())
+    assert new < smallest, (new, smallest)
 
 
 def test_sharded_restore_gives_the_single_device_latents(inputs, animator, converted):
