@@ -170,11 +170,13 @@ def test_bench_pipeline_tiny_gives_the_whole_table_without_mediapipe_grain_or_op
 
 def test_inference_memory_plans_each_stage_with_the_conv_cache_and_what_stays_resident():
     """tools/inference_memory.py on the small release geometry: the steady-state chunks take the previous chunk's
-    conv cache (donated: written in place), and every stage adds what the pipeline holds to all the parameters."""
+    conv cache (donated: written in place), and every stage adds what the pipeline holds to the parameters resident:
+    all of them, or with offload only the stage's own network's."""
     import jax
 
     sys.path.insert(0, str(REPO / "tools"))
     import inference_memory
+    from a1_jax.models import vae
     from a1_jax.parity.bench_pipeline import bench_configs
 
     configs = bench_configs("tiny")
@@ -190,9 +192,20 @@ def test_inference_memory_plans_each_stage_with_the_conv_cache_and_what_stays_re
     control = configs.clip_frames * height * width * 3 * 4  # the window's control frames in float32
     guider = [row for name, row in stages.items() if name.startswith("pose guider")]
     assert all(row["held_bytes"] >= control for row in guider)
+    networks = summary["params_bytes"]
+    assert [row["network"] for row in stages.values()] == [
+        "siglip", "vae", "pose_guider", "pose_guider", "transformer", "vae", "vae"]
+    assert summary["compiler_options"] == inference_memory.CPU_COMPILER_OPTIONS  # XLA:CPU: no hoisted f32 weights
+    assert vae.conv_as_2d()  # planned with the accelerators' 3-D conv; the CPU's own form is back for the rest
     for row in stages.values():
-        assert row["stage_peak_bytes"] >= summary["all_params_bytes"] + row["held_bytes"] + row["temp_bytes"]
-    assert summary["pipeline_peak_bytes"] == max(row["stage_peak_bytes"] for row in stages.values())
+        assert row["resident_bytes"] == {"off": summary["all_params_bytes"], "on": networks[row["network"]]}
+        for mode, peak in row["stage_peak_bytes"].items():
+            assert peak >= row["resident_bytes"][mode] + row["held_bytes"] + row["temp_bytes"]
+        # offload frees exactly the other networks' parameters, nothing else changes
+        assert (row["stage_peak_bytes"]["off"] - row["stage_peak_bytes"]["on"]
+                == summary["all_params_bytes"] - networks[row["network"]])
+    for mode in ("off", "on"):
+        assert summary["pipeline_peak_bytes"][mode] == max(row["stage_peak_bytes"][mode] for row in stages.values())
 
 
 def test_release_config_saying_226_face_tokens_loads(release):
