@@ -422,8 +422,9 @@ def _image(image: np.ndarray | str | os.PathLike) -> tuple[str, np.ndarray]:
     return "the reference image", np.asarray(image)
 
 
-# At the release geometry the compiled estimates put the largest stage's own memory (9–12 GB) near all the
-# parameters (13.6 GB in bf16), so "auto" counts a stage as large as the parameters.
+# At the release geometry the compiled estimates put a stage's own memory (at most ~8.5 GB: the pose guider's chunks)
+# under all the parameters (13.6 GB in bf16); counting a stage as large as the parameters leaves room for what an
+# estimate does not model (allocator, workspaces).
 def wants_offload(offload: bool | str, params_per_device: dict[Any, int]) -> bool:
     """`offload` itself, or for "auto": on where a device's parameters plus the largest stage, taken as large as the
     parameters, exceed its memory (`memory_stats()["bytes_limit"]`); off where the backend has no limit (CPU)."""
