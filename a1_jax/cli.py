@@ -112,7 +112,8 @@ def _animate(args: argparse.Namespace) -> dict:
 def _app(args: argparse.Namespace) -> dict:
     from a1_jax.app.server import Limits, serve
 
-    return serve(checkpoint=args.checkpoint, config=args.config, mesh=args.mesh, dtype=args.dtype, host=args.host,
+    return serve(checkpoint=args.checkpoint, config=args.config, mesh=args.mesh, dtype=args.dtype,
+                 offload=args.offload, host=args.host,
                  port=args.port, limits=Limits(max_seconds=args.max_seconds, max_upload_mb=args.max_upload_mb))
 
 
@@ -177,6 +178,10 @@ def _add_animator_args(parser: argparse.ArgumentParser) -> None:
                         help="mesh preset for parameters and activations (single, fsdp, fsdp_tensor, ... or a path)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"),
                         help="compute dtype (default: bfloat16 on GPU/TPU, float32 on CPU)")
+    parser.add_argument("--offload", choices=("auto", "on", "off"), default="auto",
+                        help="keep only the running stage's network on the device, the others in host memory "
+                             "(same output; for a 24 GB card with the 5B model). auto (default): on where all "
+                             "parameters and the largest stage would not fit the device")
 
 
 def _add_interpolator_args(parser: argparse.ArgumentParser) -> None:

@@ -24,6 +24,7 @@ from a1_jax.motion.reference import crop_and_resize
 from a1_jax.parity import errors
 from a1_jax.parity import pipeline as reference
 from a1_jax.sampling import Animator
+from a1_jax.sampling.animator import wants_offload
 from a1_jax.sampling.denoise import Overlap
 from a1_jax.sampling.windows import WindowPlan, stitch
 from a1_jax.weights import checkpoint
@@ -169,11 +170,13 @@ def test_bench_pipeline_tiny_gives_the_whole_table_without_mediapipe_grain_or_op
 
 def test_inference_memory_plans_each_stage_with_the_conv_cache_and_what_stays_resident():
     """tools/inference_memory.py on the small release geometry: the steady-state chunks take the previous chunk's
-    conv cache (donated: written in place), and every stage adds what the pipeline holds to all the parameters."""
+    conv cache (donated: written in place), and every stage adds what the pipeline holds to the parameters resident:
+    all of them, or with offload only the stage's own network's."""
     import jax
 
     sys.path.insert(0, str(REPO / "tools"))
     import inference_memory
+    from a1_jax.models import vae
     from a1_jax.parity.bench_pipeline import bench_configs
 
     configs = bench_configs("tiny")
@@ -189,9 +192,20 @@ def test_inference_memory_plans_each_stage_with_the_conv_cache_and_what_stays_re
     control = configs.clip_frames * height * width * 3 * 4  # the window's control frames in float32
     guider = [row for name, row in stages.items() if name.startswith("pose guider")]
     assert all(row["held_bytes"] >= control for row in guider)
+    networks = summary["params_bytes"]
+    assert [row["network"] for row in stages.values()] == [
+        "siglip", "vae", "pose_guider", "pose_guider", "transformer", "vae", "vae"]
+    assert summary["compiler_options"] == inference_memory.CPU_COMPILER_OPTIONS  # XLA:CPU: no hoisted f32 weights
+    assert vae.conv_as_2d()  # planned with the accelerators' 3-D conv; the CPU's own form is back for the rest
     for row in stages.values():
-        assert row["stage_peak_bytes"] >= summary["all_params_bytes"] + row["held_bytes"] + row["temp_bytes"]
-    assert summary["pipeline_peak_bytes"] == max(row["stage_peak_bytes"] for row in stages.values())
+        assert row["resident_bytes"] == {"off": summary["all_params_bytes"], "on": networks[row["network"]]}
+        for mode, peak in row["stage_peak_bytes"].items():
+            assert peak >= row["resident_bytes"][mode] + row["held_bytes"] + row["temp_bytes"]
+        # offload frees exactly the other networks' parameters, nothing else changes
+        assert (row["stage_peak_bytes"]["off"] - row["stage_peak_bytes"]["on"]
+                == summary["all_params_bytes"] - networks[row["network"]])
+    for mode in ("off", "on"):
+        assert summary["pipeline_peak_bytes"][mode] == max(row["stage_peak_bytes"][mode] for row in stages.values())
 
 
 def test_release_config_saying_226_face_tokens_loads(release):
@@ -210,14 +224,29 @@ def converted(release, tmp_path_factory):
     return out
 
 
-def test_convert_then_load_gives_the_same_latents(release, inputs, animator, converted):
+def test_convert_then_load_gives_the_same_latents_and_offloaded_the_same_frames(release, inputs, animator,
+                                                                                converted):
     canvas, face, controls = inputs
     noises = _noises(animator, 3)
     expected, _ = _ours(animator, canvas, face, controls[0], *noises)
-    restored = Animator.from_pretrained(converted, dtype="float32")
+    # Restored with offload: every network in pinned host memory, placed on the device for its stage only.
+    restored = Animator.from_pretrained(converted, dtype="float32", offload=True)
     assert checkpoint.is_converted(converted) and not list(converted.rglob("*.safetensors"))
+    card = type("Card", (), {"platform": "gpu", "memory_stats": lambda self: {"bytes_limit": 24 * 10**9}})()
+    assert wants_offload("auto", {card: 13 * 10**9}) and not wants_offload("auto", {card: 11 * 10**9})
+    assert not wants_offload("auto", {jax.devices()[0]: 10**15})  # the CPU backend has no device limit: off
+    with pytest.raises(UserError, match="--offload must be on, off or auto"):
+        wants_offload("yes", {})
+    assert {leaf.sharding.memory_kind for leaf in jax.tree_util.tree_leaves(restored.params)} == {"pinned_host"}
+    on_device = lambda: {id(x): x.nbytes for x in jax.live_arrays() if x.sharding.memory_kind == "device"}
+    before = on_device()
     got, _ = _ours(restored, canvas, face, controls[0], *noises)
     np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+    np.testing.assert_array_equal(restored.decode(got), animator.decode(expected))  # the frames, bit for bit
+    # Each stage's placed copy was freed when it ended: what is new on the device is far less than any network.
+    new = sum(n for i, n in on_device().items() if i not in before)
+    smallest = min(sum(leaf.nbytes for leaf in jax.tree_util.tree_leaves(tree)) for tree in restored.params.values())
+    assert new < smallest, (new, smallest)
 
 
 def test_sharded_restore_gives_the_single_device_latents(inputs, animator, converted):

@@ -213,7 +213,7 @@ def test_an_older_checkpoint_format_is_explained(release_params, resumed, tmp_pa
 def test_weights_that_cannot_fit_are_refused_in_one_line_before_reading(release, monkeypatch):
     configs = checkpoint.ModelConfigs.from_folder(release)
     fp32 = checkpoint.build_networks(configs, jnp.float32)
-    need = sum(checkpoint._bytes_per_device(fp32, None).values())
+    need = sum(checkpoint.bytes_per_device(fp32, None).values())
     monkeypatch.setattr(checkpoint, "available_host_bytes", lambda: need - 1)
     monkeypatch.setattr(checkpoint, "read_leaf", lambda *a, **k: pytest.fail("read weights it cannot hold"))
     with pytest.raises(UserError) as info:
@@ -222,7 +222,7 @@ def test_weights_that_cannot_fit_are_refused_in_one_line_before_reading(release,
     assert "\n" not in message and "float32" in message and "--dtype bfloat16" in message
     # In bfloat16 the same host fits them (SigLIP stays float32, so a little over half).
     bf16 = checkpoint.build_networks(configs, jnp.bfloat16)
-    assert sum(checkpoint._bytes_per_device(bf16, None).values()) < need
+    assert sum(checkpoint.bytes_per_device(bf16, None).values()) < need
 
 
 # ------------------------------------------------------------------------------ the release-folder writer (tools/)

@@ -304,7 +304,7 @@ def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa:
 
 
 def serve(*, checkpoint: str | None, config: str, mesh: str | None, dtype: str | None, host: str, port: int,
-          limits: Limits) -> dict:
+          limits: Limits, offload: str = "auto") -> dict:
     """Builds the Animator, then serves the page until interrupted; the summary of what was served."""
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:  # a taken port fails at once
         try:
@@ -325,7 +325,7 @@ def serve(*, checkpoint: str | None, config: str, mesh: str | None, dtype: str |
                 raise UserError(f"the web app needs the app extra: pip install 'a1_jax[app]' ({e})") from None
             from a1_jax.sampling.animate import build_animator, random_weights_notice
         with stages("model"):
-            animator = build_animator(checkpoint, config, dtype=dtype, mesh=mesh)
+            animator = build_animator(checkpoint, config, dtype=dtype, mesh=mesh, offload=offload)
         stages.close()
         note = (random_weights_notice(animator.random_networks) if animator.random_networks else
                 "; ".join(f"{name}: {source}" for name, source in animator.weights.items()))

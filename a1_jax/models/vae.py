@@ -193,6 +193,12 @@ def _causal_conv3d_as_2d(x: jax.Array, past: jax.Array | None, kernel: jax.Array
     return out
 
 
+def conv_as_2d() -> bool:
+    """Whether causal convs run as per-frame 2D convs (`_causal_conv3d_as_2d`): on XLA:CPU, where that is faster;
+    accelerators run the native 3D conv. Read while tracing."""
+    return jax.default_backend() == "cpu"
+
+
 def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...]):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
 
@@ -222,7 +228,7 @@ class Conv(nn.Module):
         bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (axes.CONV_OUT,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         strides, padding = self.strides or (1,) * rank, self.padding or ((0, 0),) * rank
-        if causal and jax.default_backend() == "cpu":
+        if causal and conv_as_2d():
             y = _causal_conv3d_as_2d(x, past, kernel, strides[1:], padding[1:])
         else:
             if causal:

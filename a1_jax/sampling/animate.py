@@ -61,12 +61,17 @@ def plan(request: AnimateRequest, configs: ModelConfigs, ref: str, source: Motio
                           progress=lambda done, total: stages.advance(done, total, "frames"))
 
 
+OFFLOAD = {"on": True, "off": False, "auto": "auto"}  # `--offload`
+
+
 def build_animator(checkpoint: str | None, config: str = "tiny", *, dtype: str | None = None,
-                   mesh: str | None = None) -> Animator:
-    """The Animator of `checkpoint`, or seeded random weights for `config` without one (`--checkpoint`/`--config`)."""
+                   mesh: str | None = None, offload: str = "auto") -> Animator:
+    """The Animator of `checkpoint`, or seeded random weights for `config` without one (`--checkpoint`/`--config`);
+    `offload`: `on`, `off` or `auto` (`Animator.from_pretrained`)."""
+    offload = OFFLOAD.get(offload, offload)  # anything else is refused by the Animator
     if checkpoint:
-        return Animator.from_pretrained(checkpoint, dtype=dtype, mesh=mesh)
-    return Animator.from_config(model_config_folder(config), seed=0, dtype=dtype, mesh=mesh)
+        return Animator.from_pretrained(checkpoint, dtype=dtype, mesh=mesh, offload=offload)
+    return Animator.from_config(model_config_folder(config), seed=0, dtype=dtype, mesh=mesh, offload=offload)
 
 
 def run_animate(request: AnimateRequest, *, stages: Stages | None = None, animator: Animator | None = None) -> dict:
@@ -76,8 +81,8 @@ def run_animate(request: AnimateRequest, *, stages: Stages | None = None, animat
     `stages` times and shows the stages (the CLI starts one before its heavy imports); `stages.cancel()` from another
     thread stops the run at its next progress point (a driving frame, a denoising step, a decoder chunk): the summary
     then has `cancelled` and `error`, `ok` false, and no output is left. `animator`: one already built (a server
-    keeps its own; `request.checkpoint`, `config`, `dtype` and `mesh` are then not used). A user's mistake raises
-    `UserError` before any output is written."""
+    keeps its own; `request.checkpoint`, `config`, `dtype`, `mesh` and `offload` are then not used). A user's mistake
+    raises `UserError` before any output is written."""
     stages = stages or Stages("animate")
     report, error, cancelled, source, audio_seconds, written = Report(), None, False, None, None, 0
     ref, driving, named = preflight.check(request)
@@ -99,7 +104,7 @@ def run_animate(request: AnimateRequest, *, stages: Stages | None = None, animat
             if animator is None:
                 with stages("model"):
                     animator = build_animator(request.checkpoint, request.config, dtype=request.dtype,
-                                              mesh=request.mesh)
+                                              mesh=request.mesh, offload=request.offload)
             if animator.random_networks:
                 print(random_weights_notice(animator.random_networks), file=sys.stderr, flush=True)
             pairs = animator.frames(ref, source.driving, steps=request.steps, guidance=request.guidance,

@@ -21,6 +21,12 @@ The stages are callable on their own, for scripts that bring their own control v
 Whole videos go through `frames(...)`, a generator that streams `(output, control)` frame pairs window by window
 (memory does not grow with the video), or `__call__`, which collects them. Parameters and activations are sharded by
 their logical axes on any mesh preset (`mesh=`); the VAE and SigLIP run outside the loop's jit.
+
+`offload=True` keeps only the running stage's network on the device: every network's parameters live in host memory
+(pinned where the backend has it) and are placed on the device when their stage starts and freed when it ends
+(SigLIP and the VAE for the reference, then per window the pose guider, the DiT, the VAE). Same outputs, bit for bit;
+each placement copies that network over (the DiT's 11.3 GB once per window). `"auto"` (the default) turns it on
+where all parameters and the largest stage would not fit the device's memory.
 """
 
 from __future__ import annotations
@@ -100,9 +106,14 @@ class Animator:
 
     def __init__(self, configs: checkpoint.ModelConfigs, networks: checkpoint.Networks, params: dict[str, Any], *,
                  mesh: jax.sharding.Mesh | None = None, rules: parallel.Rules = (),
-                 weights: dict[str, str] | None = None):
-        self.configs, self.networks, self.params = configs, networks, params
+                 weights: dict[str, str] | None = None, offload: bool = False):
+        self.configs, self.networks = configs, networks
         self.mesh, self.rules = mesh, rules
+        self.offload = offload
+        # Where each network runs; with `offload` its parameters are kept in host memory between its stages.
+        self._device_shardings = {name: jax.tree_util.tree_map(lambda x: x.sharding, tree)
+                                  for name, tree in params.items()}
+        self.params = {name: _to_host(tree) for name, tree in params.items()} if offload else params
         # Where each network's weights come from (`checkpoint.weight_sources`), e.g. a trained DiT beside a random VAE.
         self.weights = dict(weights or {name: "given" for name in checkpoint.NETWORKS})
         self.dtype = jnp.dtype(networks.transformer.dtype)
@@ -127,33 +138,36 @@ class Animator:
     # --- construction ------------------------------------------------------------------------------------------------
 
     @classmethod
-    def _build(cls, folder: str, dtype: str | None, mesh: str | None, attention_kernel: str,
+    def _build(cls, folder: str, dtype: str | None, mesh: str | None, attention_kernel: str, offload: bool | str,
                load: Callable[[checkpoint.Networks, Any], dict], weights: dict[str, str]) -> "Animator":
         configs = checkpoint.ModelConfigs.from_folder(folder)
         networks = checkpoint.build_networks(configs, jnp.dtype(dtype or default_dtype()),
                                              attention_kernel=attention_kernel)
         mesh, rules = _mesh(mesh)
-        params = load(networks, checkpoint.param_shardings(networks, mesh, rules))
-        return cls(configs, networks, params, mesh=mesh, rules=rules, weights=weights)
+        shardings = checkpoint.param_shardings(networks, mesh, rules)
+        offload = wants_offload(offload, checkpoint.bytes_per_device(networks, shardings))
+        return cls(configs, networks, load(networks, shardings), mesh=mesh, rules=rules, weights=weights,
+                   offload=offload)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None,
-                        mesh: str | None = None, attention_kernel: str = "auto") -> "Animator":
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: str | None = None, mesh: str | None = None,
+                        attention_kernel: str = "auto", offload: bool | str = "auto") -> "Animator":
         """From a release folder (`Skywork/SkyReels-A1` layout) or our converted checkpoint (`a1-jax convert`).
 
         `dtype`: compute and parameter dtype of the DiT, VAE and pose guider (SigLIP runs in fp32); default bf16 on
         accelerators, fp32 on CPU. `mesh`: a preset name (`single`, `fsdp`, `fsdp_tensor`, ...) or a preset
-        JSON path; default one device."""
+        JSON path; default one device. `offload`: only the running stage's network on the device (`wants_offload`)."""
         path = os.fspath(path)
-        return cls._build(path, dtype, mesh, attention_kernel,
+        return cls._build(path, dtype, mesh, attention_kernel, offload,
                           lambda networks, shardings: checkpoint.load_params(path, networks, shardings),
                           checkpoint.weight_sources(path))
 
     @classmethod
     def from_config(cls, config: str = "tiny", *, seed: int = 0, dtype: str | None = None,
-                    mesh: str | None = None, attention_kernel: str = "auto") -> "Animator":
+                    mesh: str | None = None, attention_kernel: str = "auto",
+                    offload: bool | str = "auto") -> "Animator":
         """Seeded random weights for the configs of `config` (`tiny`, or a folder of release-layout configs)."""
-        return cls._build(checkpoint.model_config_folder(config), dtype, mesh, attention_kernel,
+        return cls._build(checkpoint.model_config_folder(config), dtype, mesh, attention_kernel, offload,
                           lambda networks, shardings: checkpoint.init_params(networks, seed, shardings),
                           {name: checkpoint.random_source(seed) for name in checkpoint.NETWORKS})
 
@@ -161,6 +175,20 @@ class Animator:
     def _on_mesh(self):
         with parallel.activate(self.mesh, self.rules):
             yield
+
+    @contextlib.contextmanager
+    def _placed(self, name: str) -> Iterator[Any]:
+        """`name`'s parameters on the device for one stage: where they stay, or with `offload` copied from host
+        memory now and freed when the stage ends (a computation still reading them keeps them until it is done)."""
+        if not self.offload:
+            yield self.params[name]
+            return
+        placed = jax.device_put(self.params[name], self._device_shardings[name])
+        try:
+            yield placed
+        finally:
+            for leaf in jax.tree_util.tree_leaves(placed):
+                leaf.delete()
 
     # --- stages ------------------------------------------------------------------------------------------------------
 
@@ -176,10 +204,10 @@ class Animator:
         """The reference latent's posterior (VAE encode; `tiling` as `vae.encode`) and the SigLIP face tokens: once per
         video."""
         with self._on_mesh():
-            posterior = cond.reference_posterior(self.networks.vae, self.params["vae"], np.asarray(canvas)[None],
-                                                 tiling)
-            tokens = cond.face_tokens(self.networks.siglip, self.params["siglip"], np.asarray(face)[None],
-                                      self.dtype)
+            with self._placed("vae") as params:
+                posterior = cond.reference_posterior(self.networks.vae, params, np.asarray(canvas)[None], tiling)
+            with self._placed("siglip") as params:
+                tokens = cond.face_tokens(self.networks.siglip, params, np.asarray(face)[None], self.dtype)
         return EncodedReference(posterior=posterior, face_tokens=tokens)
 
     def conditions(self, reference: EncodedReference, control: np.ndarray, key: jax.Array | None = None, *,
@@ -193,7 +221,8 @@ class Animator:
         if control.shape[1:3] != canvas:
             raise ValueError(f"control frames are {control.shape[1:3]}, the reference canvas {canvas}")
         with self._on_mesh():
-            pose = cond.pose_latents(self.networks.pose_guider, self.params["pose_guider"], control[None], self.dtype)
+            with self._placed("pose_guider") as params:
+                pose = cond.pose_latents(self.networks.pose_guider, params, control[None], self.dtype)
             if image_noise is None:
                 image_noise = jax.random.normal(key, reference.posterior.mean.shape, jnp.float32)
             image = cond.image_latents(reference.posterior, image_noise, self.configs.vae.scaling_factor, pose.shape[1],
@@ -224,8 +253,8 @@ class Animator:
         # type, so later windows reuse the compiled loop.
         inputs = jax.device_put((schedule, conditions, noise, jnp.float32(guidance), overlap, scheduler_key),
                                 jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
-        with self._on_mesh():
-            return self._denoise(self.params["transformer"], *inputs, use_cfg=guidance > 1, on_step=self._on_step)
+        with self._on_mesh(), self._placed("transformer") as params:
+            return self._denoise(params, *inputs, use_cfg=guidance > 1, on_step=self._on_step)
 
     def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None, *,
                tiling: bool | str = "auto", frames: int | None = None) -> np.ndarray:
@@ -234,10 +263,10 @@ class Animator:
         `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
         # In the reference's dtype and order (`1 / scaling_factor * latents`; `x * 0.5 + 0.5`, clamped, before the
         # float cast): in bf16 each rounds, and a level of output can depend on it.
-        with self._on_mesh():
+        with self._on_mesh(), self._placed("vae") as params:
             z = cond.from_dit_layout((1 / self.configs.vae.scaling_factor) * latents.astype(self.dtype))
-            video = vae.decode(self.networks.vae, self.params["vae"], z.astype(self.dtype), tiling=tiling,
-                               progress=progress, frames=frames)
+            video = vae.decode(self.networks.vae, params, z.astype(self.dtype), tiling=tiling, progress=progress,
+                               frames=frames)
         video = np.asarray(jnp.clip(video[0] * 0.5 + 0.5, 0, 1).astype(jnp.float32))
         return np.rint(video * 255).astype(np.uint8)
 
@@ -394,6 +423,33 @@ def _image(image: np.ndarray | str | os.PathLike) -> tuple[str, np.ndarray]:
     if isinstance(image, (str, os.PathLike)):
         return os.fspath(image), read_image(os.fspath(image))
     return "the reference image", np.asarray(image)
+
+
+# At the release geometry the compiled estimates put a stage's own memory (at most ~8.5 GB: the pose guider's chunks)
+# under all the parameters (13.6 GB in bf16); counting a stage as large as the parameters leaves room for what an
+# estimate does not model (allocator, workspaces).
+def wants_offload(offload: bool | str, params_per_device: dict[Any, int]) -> bool:
+    """`offload` itself, or for "auto": on where a device's parameters plus the largest stage, taken as large as the
+    parameters, exceed its memory (`memory_stats()["bytes_limit"]`); off where the backend has no limit (CPU)."""
+    if isinstance(offload, bool):
+        return offload
+    if offload != "auto":
+        raise UserError(f"--offload must be on, off or auto; got {offload!r}")
+    for device, held in params_per_device.items():
+        stats = device.memory_stats() if device.platform != "cpu" else None
+        if stats and "bytes_limit" in stats and 2 * held > stats["bytes_limit"]:
+            return True
+    return False
+
+
+def _to_host(tree: Any) -> Any:
+    """`tree` in host memory: pinned host memory of its own devices where the backend has it, else NumPy."""
+    def one(x: jax.Array) -> Any:
+        if all("pinned_host" in {m.kind for m in d.addressable_memories()} for d in x.sharding.device_set):
+            return jax.device_put(x, x.sharding.with_memory_kind("pinned_host"))
+        return np.asarray(x)
+
+    return jax.tree_util.tree_map(one, tree)
 
 
 def _mesh(mesh: str | None) -> tuple[jax.sharding.Mesh, parallel.Rules]:

@@ -44,6 +44,7 @@ class AnimateRequest:
     missing_face: str = "drop"
     mesh: str = "single"
     dtype: str | None = None
+    offload: str = "auto"
     fps: str | float = "12"
     interpolator: str = "flow"
     interpolator_weights: str | None = None

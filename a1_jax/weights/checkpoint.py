@@ -269,7 +269,7 @@ def available_host_bytes() -> int | None:
     return min(found) if found else None
 
 
-def _bytes_per_device(networks: Networks, shardings: Any) -> dict[Any, int]:
+def bytes_per_device(networks: Networks, shardings: Any) -> dict[Any, int]:
     """Parameter bytes each device will hold (its shards; a replicated leaf counts on every device)."""
     targets = meta.unbox(abstract_params(networks))
     if shardings is None:
@@ -285,7 +285,7 @@ def _bytes_per_device(networks: Networks, shardings: Any) -> dict[Any, int]:
 def require_memory(networks: Networks, shardings: Any, what: str) -> None:
     """A `UserError` when the parameters cannot fit: on the CPU backend all of them against the host's available
     memory (every CPU device is host memory), else each device's shards against its free memory."""
-    held = _bytes_per_device(networks, shardings)
+    held = bytes_per_device(networks, shardings)
     dtype = np.dtype(networks.transformer.param_dtype).name
     hint = " (load in bfloat16: --dtype bfloat16)" if dtype == "float32" else ""
     on_host = {d: n for d, n in held.items() if d.platform == "cpu"}
