@@ -52,6 +52,7 @@ setup(
     extras_require={
         "test": [
             "pytest",
+            "pytest-xdist",  # the suite runs on 2 workers (README: Test)
             "torch==2.13.0",  # the local CPU wheel; any other spec pulls GBs of CUDA packages
             "diffusers==0.42.1",  # the parity reference: pinned to the version our parity figures were measured on
             "transformers==5.23.0",

@@ -6,9 +6,12 @@ import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache per test session (subprocesses inherit it): the CLI runs and Animators the tests build
-# compile the same programs again and again.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="a1_jax_xla_cache_"))
+# One compilation cache per test run, shared by its xdist workers and the subprocesses they start: the CLI runs
+# and Animators the tests build compile the same programs again and again.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), f"a1_jax_xla_cache_{_RUN}") if _RUN
+                      else tempfile.mkdtemp(prefix="a1_jax_xla_cache_"))
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -75,22 +75,26 @@ def _noises(animator, seed):
 # ------------------------------------------------------------------------------------------------------- parity
 def test_pipeline_parity_ddim_dpm_bf16_and_the_written_frames(release, inputs, animator):
     """Against the release pipeline, on a real portrait: fp32 DDIM over the first window (= the single clip) and the
-    next one, blended, and the 47 frames the single-clip script writes; fp32 DPM; bf16 DDIM, latents and frames (on
-    the tiny geometry). Tolerances and their reasons: `a1_jax.parity.pipeline`."""
+    next one, blended, and the first 15 of the 47 frames the single-clip script writes (the decoder's first chunk and
+    a steady one with its conv cache, tiled; `a1-jax parity pipeline` compares all 47); fp32 DPM; bf16 DDIM, latents
+    and frames (on the tiny geometry). Tolerances and their reasons: `a1_jax.parity.pipeline`."""
     folder, pipe = release
     canvas, face, controls = inputs
-    rows = {**reference.fp32_rows(pipe, animator, canvas, face, controls, seed=1), **reference.bf16_rows(seed=1)}
+    rows = {**reference.fp32_rows(pipe, animator, canvas, face, controls, seed=1, frame_latents=5),
+            **reference.bf16_rows(seed=1)}
     assert all(row["ok"] for row in rows.values()), rows
     assert rows["ddim fp32 window 0"]["tol"] == PARITY_TOLERANCE == 2e-5
-    assert rows["ddim fp32 window 0 frames"]["frames"] == 47 and rows["ddim bf16 window 0 frames"]["frames"] == 7
+    assert rows["ddim fp32 window 0 frames"]["frames"] == 15 and rows["ddim bf16 window 0 frames"]["frames"] == 7
     assert rows["ddim bf16 window 0"]["max_rel_err"] > 100 * PARITY_TOLERANCE  # bf16 really ran
     # Every window of one geometry runs the same executable (two windows, DDIM).
     assert animator.traces == 1
     # The blending is real: the second window without it is far from the blended one.
-    noises = _noises(animator, 1)
-    _, tails = _ours(animator, canvas, face, controls[0], *noises)
-    blended, _ = _ours(animator, canvas, face, controls[1], *noises, overlap=Overlap.after(tails))
-    unblended, _ = _ours(animator, canvas, face, controls[1], *noises)
+    image_noise, noise = _noises(animator, 1)
+    encoded = animator.encode_reference(canvas, face, tiling=True)  # the programs the rows above compiled
+    first, second = (animator.conditions(encoded, control, image_noise=image_noise) for control in controls)
+    _, tails = animator.denoise(first, steps=STEPS, guidance=3.0, noise=noise)
+    blended, _ = animator.denoise(second, steps=STEPS, guidance=3.0, noise=noise, overlap=Overlap.after(tails))
+    unblended, _ = animator.denoise(second, steps=STEPS, guidance=3.0, noise=noise)
     assert errors({"x": (unblended, blended)})["x"]["max_rel_err"] > 100 * PARITY_TOLERANCE
 
 

@@ -246,7 +246,7 @@ def random_inputs(configs: Any, seed: int, windows: int = 1) -> tuple[np.ndarray
 def _pixels(frames: np.ndarray) -> Any:
     """uint8 `[T, H, W, 3]` -> torch `[1, 3, T, H, W]` in [-1, 1], as the pipeline's `VideoProcessor.preprocess`."""
     torch = import_reference("torch")
-    return (torch.from_numpy(np.ascontiguousarray(frames)).permute(3, 0, 1, 2)[None].float() / 255) * 2 - 1
+    return (torch.from_numpy(np.array(frames)).permute(3, 0, 1, 2)[None].float() / 255) * 2 - 1  # a writable copy
 
 
 def _weighted_blending(latents: Any, cache: Any, overlap_frames: int) -> Any:
@@ -381,12 +381,13 @@ def scheduler_noises(key: Any, steps: int, shape: tuple[int, ...]) -> np.ndarray
 
 def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face: np.ndarray,
                     controls: list[np.ndarray], *, seed: int = 0, steps: int = 10, guidance: float = 3.0,
-                    frames: bool = False) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+                    frames: bool = False, frame_latents: int | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """`{window: (our final latents, the reference's)}` for consecutive windows of `controls` (each later one blended
     with the one before, as the long pipeline does), from the same inputs and the same noises (`window_noises` of
     `np.random.default_rng(seed)`, window after window; a DPM scheduler's draws from `jax.random.key(seed + k)`).
     `frames`: also `"window 0 frames"`, both sides' uint8 frames of the first window as the single-clip script
-    writes them (decoded, postprocessed, the first two dropped)."""
+    writes them (decoded, postprocessed, the first two dropped); `frame_latents`: only the frames of that many leading
+    latents on both sides (a chunk boundary of the whole decode: the first frames it writes, `vae.decoding_prefix`)."""
     import jax
 
     from a1_jax.sampling.denoise import Overlap
@@ -405,8 +406,9 @@ def compare_windows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face
                                            step_noises=scheduler_noises(key, steps, noise.shape))
         outputs[f"window {k}" + (" (blended)" if k else "")] = (np.asarray(ours, np.float32), theirs)
         if frames and k == 0:
-            outputs["window 0 frames"] = (animator.decode(ours, tiling=True)[SINGLE_CLIP_DROP:],
-                                          reference_frames(pipe, theirs)[SINGLE_CLIP_DROP:])
+            kept = slice(0, frame_latents)
+            outputs["window 0 frames"] = (animator.decode(ours[:, kept], tiling=True)[SINGLE_CLIP_DROP:],
+                                          reference_frames(pipe, theirs[:, kept])[SINGLE_CLIP_DROP:])
         overlap = Overlap.after(tails)
     return outputs
 
@@ -439,11 +441,13 @@ def _latent_row(ours: np.ndarray, ref: np.ndarray, tol: float, **extra: Any) -> 
 
 
 def fp32_rows(pipe: TorchPipeline, animator: Any, canvas: np.ndarray, face: np.ndarray, controls: list[np.ndarray],
-              seed: int) -> dict[str, dict[str, Any]]:
+              seed: int, frame_latents: int | None = None) -> dict[str, dict[str, Any]]:
     """fp32 parity rows, each with its tolerance and verdict: DDIM over two windows (the second blended), the 47
-    frames the single-clip script writes from the first, and DPM (one window)."""
+    frames the single-clip script writes from the first (or those of its first `frame_latents` latents), and DPM
+    (one window)."""
     rows = {}
-    ddim = compare_windows(pipe, animator, canvas, face, controls, seed=seed, frames=True)
+    ddim = compare_windows(pipe, animator, canvas, face, controls, seed=seed, frames=True,
+                           frame_latents=frame_latents)
     for name in ("window 0", "window 1 (blended)"):
         rows[f"ddim fp32 {name}"] = _latent_row(*ddim[name], PIPELINE_TOLERANCE)
     frames = ddim["window 0 frames"]
