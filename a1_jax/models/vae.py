@@ -68,9 +68,28 @@ def resize_nearest(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
     return x
 
 
-def upsample_space(x: jax.Array) -> jax.Array:
-    """Nearest x2 in height and width."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+def upsampled_conv_kernel(kernel: jax.Array) -> jax.Array:
+    """A 3x3 kernel `[3, 3, in, out]` (padding 1) -> the 3x3 kernel `[3, 3, in, 4 * out]` that, on the input itself,
+    makes the four output phases (row parity, column parity, out) of that conv on the input's nearest x2 upsample.
+
+    Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps w0, w1 + w2); row 2i+1 reads input
+    rows i, i, i+1 (taps w0 + w1, w2); zero padding of the upsample is zero padding of the input. The same function
+    at 1/4 of the pixels with no upsampled copy (exact up to the rounding of the summed taps, made in fp32)."""
+    def phase_taps(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:  # taps over input offsets -1, 0, +1
+        w0, w1, w2 = (jnp.take(w, i, axis=axis) for i in range(3))
+        zero = jnp.zeros_like(w0)
+        return jnp.stack([w0, w1 + w2, zero], axis=axis), jnp.stack([zero, w0 + w1, w2], axis=axis)
+
+    dtype = kernel.dtype
+    phases = [column for row in phase_taps(kernel.astype(jnp.float32), 0) for column in phase_taps(row, 1)]
+    return jnp.stack(phases, axis=-2).reshape(*kernel.shape[:-1], 4 * kernel.shape[-1]).astype(dtype)
+
+
+def depth_to_space(y: jax.Array) -> jax.Array:
+    """`[N, H, W, 4 * C]` with channels ordered (row parity, column parity, C) -> `[N, 2H, 2W, C]`."""
+    n, h, w, c = y.shape
+    y = y.reshape(n, h, w, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5)
+    return y.reshape(n, 2 * h, 2 * w, c // 4)
 
 
 def chunk_sizes(frames: int, chunk: int) -> tuple[int, int, int]:
@@ -203,6 +222,7 @@ class Conv(nn.Module):
     padding: tuple[tuple[int, int], ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    upsample_first: bool = False  # 2D 3x3, padding 1: convolve x's nearest x2 upsample (`upsampled_conv_kernel`)
 
     @nn.compact
     def __call__(self, x: jax.Array, past: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -215,7 +235,12 @@ class Conv(nn.Module):
         bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (axes.CONV_OUT,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         strides, padding = self.strides or (1,) * rank, self.padding or ((0, 0),) * rank
-        if causal and jax.default_backend() == "cpu":
+        if self.upsample_first:
+            if self.kernel_size != (3, 3) or strides != (1, 1) or padding != ((1, 1), (1, 1)):
+                raise ValueError("upsample_first needs a 3x3 conv with stride 1 and padding 1")
+            y = depth_to_space(jax.lax.conv_general_dilated(x, upsampled_conv_kernel(kernel), strides, padding,
+                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+        elif causal and jax.default_backend() == "cpu":
             y = _causal_conv3d_as_2d(x, past, kernel, strides[1:], padding[1:])
         else:
             if causal:
@@ -380,7 +405,11 @@ class Downsample3D(nn.Module):
 
 
 class Upsample3D(nn.Module):
-    """Nearest x2 in space, and in time when `compress_time` and T > 1 (odd T: frame 0 only in space), then Conv2d."""
+    """Nearest x2 in space, and in time when `compress_time` and T > 1 (odd T: frame 0 only in space), then Conv2d.
+
+    Computed in the other order, the same function: the per-frame conv runs on the input frames through the phase
+    kernel (`Conv.upsample_first`), and its output frames are repeated in time (a per-frame conv commutes with
+    repeating frames), so neither the upsampled input nor its repeated frames are ever convolved or stored."""
 
     features: int
     compress_time: bool
@@ -389,19 +418,15 @@ class Upsample3D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        frames = x.shape[1]
-        if self.compress_time and frames > 1:
-            if frames % 2 == 1:
-                x = jnp.concatenate([upsample_space(x[:, :1]), jnp.repeat(upsample_space(x[:, 1:]), 2, axis=1)],
-                                    axis=1)
-            else:
-                x = jnp.repeat(upsample_space(x), 2, axis=1)
-        else:
-            x = upsample_space(x)
         b, t = x.shape[:2]
         y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="conv")(x.reshape(b * t, *x.shape[2:]))
-        return y.reshape(b, t, *y.shape[1:])
+                 upsample_first=True, name="conv")(x.reshape(b * t, *x.shape[2:]))
+        y = y.reshape(b, t, *y.shape[1:])
+        if self.compress_time and t > 1:
+            if t % 2 == 1:
+                return jnp.concatenate([y[:, :1], jnp.repeat(y[:, 1:], 2, axis=1)], axis=1)
+            return jnp.repeat(y, 2, axis=1)
+        return y
 
 
 # ----------------------------------------------------------------------------------------------------------------
