@@ -68,28 +68,34 @@ def resize_nearest(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
     return x
 
 
-def upsampled_conv_kernel(kernel: jax.Array) -> jax.Array:
-    """A 3x3 kernel `[3, 3, in, out]` (padding 1) -> the 3x3 kernel `[3, 3, in, 4 * out]` that, on the input itself,
-    makes the four output phases (row parity, column parity, out) of that conv on the input's nearest x2 upsample.
+def upsampled_conv_kernels(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A 3x3 kernel `[3, 3, in, out]` (padding 1) -> per output row parity, the 3x3 kernel `[3, 3, in, 2 * out]` that,
+    on the input itself, makes the two column phases (column parity, out) of that conv on the input's nearest x2
+    upsample.
 
     Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps w0, w1 + w2); row 2i+1 reads input
-    rows i, i, i+1 (taps w0 + w1, w2); zero padding of the upsample is zero padding of the input. The same function
-    at 1/4 of the pixels with no upsampled copy (exact up to the rounding of the summed taps, made in fp32)."""
+    rows i, i, i+1 (taps w0 + w1, w2); columns alike; zero padding of the upsample is zero padding of the input. The
+    same function at 1/4 of the pixels with no upsampled copy (exact up to the rounding of the summed taps, in fp32)."""
     def phase_taps(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:  # taps over input offsets -1, 0, +1
         w0, w1, w2 = (jnp.take(w, i, axis=axis) for i in range(3))
         zero = jnp.zeros_like(w0)
         return jnp.stack([w0, w1 + w2, zero], axis=axis), jnp.stack([zero, w0 + w1, w2], axis=axis)
 
-    dtype = kernel.dtype
-    phases = [column for row in phase_taps(kernel.astype(jnp.float32), 0) for column in phase_taps(row, 1)]
-    return jnp.stack(phases, axis=-2).reshape(*kernel.shape[:-1], 4 * kernel.shape[-1]).astype(dtype)
+    def columns(row: jax.Array) -> jax.Array:  # [3, 3, in, out] -> [3, 3, in, 2 * out], (column parity, out)
+        return jnp.concatenate(phase_taps(row, 1), axis=-1).astype(kernel.dtype)
+
+    return tuple(columns(row) for row in phase_taps(kernel.astype(jnp.float32), 0))
 
 
-def depth_to_space(y: jax.Array) -> jax.Array:
-    """`[N, H, W, 4 * C]` with channels ordered (row parity, column parity, C) -> `[N, 2H, 2W, C]`."""
-    n, h, w, c = y.shape
-    y = y.reshape(n, h, w, 2, 2, c // 4).transpose(0, 1, 3, 2, 4, 5)
-    return y.reshape(n, 2 * h, 2 * w, c // 4)
+def conv_of_upsampled(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3x3 conv (padding 1) of the nearest x2 upsample of frames `[N, H, W, in]`, `[N, 2H, 2W, out]`, computed on
+    `x` (`upsampled_conv_kernels`). Each row parity's (column parity, out) channels are its output rows already (a
+    reshape); the two parities interleave as whole rows (no per-pixel transpose, which XLA:CPU ran at <1 GB/s)."""
+    n, h, w, _ = x.shape
+    rows = [jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for k in upsampled_conv_kernels(kernel)]
+    out = kernel.shape[-1]
+    return jnp.stack([r.reshape(n, h, 2 * w, out) for r in rows], axis=2).reshape(n, 2 * h, 2 * w, out)
 
 
 def chunk_sizes(frames: int, chunk: int) -> tuple[int, int, int]:
@@ -222,7 +228,7 @@ class Conv(nn.Module):
     padding: tuple[tuple[int, int], ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    upsample_first: bool = False  # 2D 3x3, padding 1: convolve x's nearest x2 upsample (`upsampled_conv_kernel`)
+    upsample_first: bool = False  # 2D 3x3, padding 1: convolve x's nearest x2 upsample (`conv_of_upsampled`)
 
     @nn.compact
     def __call__(self, x: jax.Array, past: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -238,8 +244,7 @@ class Conv(nn.Module):
         if self.upsample_first:
             if self.kernel_size != (3, 3) or strides != (1, 1) or padding != ((1, 1), (1, 1)):
                 raise ValueError("upsample_first needs a 3x3 conv with stride 1 and padding 1")
-            y = depth_to_space(jax.lax.conv_general_dilated(x, upsampled_conv_kernel(kernel), strides, padding,
-                                                            dimension_numbers=("NHWC", "HWIO", "NHWC")))
+            y = conv_of_upsampled(x, kernel)
         elif causal and jax.default_backend() == "cpu":
             y = _causal_conv3d_as_2d(x, past, kernel, strides[1:], padding[1:])
         else:
@@ -423,10 +428,10 @@ class Upsample3D(nn.Module):
                  upsample_first=True, name="conv")(x.reshape(b * t, *x.shape[2:]))
         y = y.reshape(b, t, *y.shape[1:])
         if self.compress_time and t > 1:
-            if t % 2 == 1:
-                return jnp.concatenate([y[:, :1], jnp.repeat(y[:, 1:], 2, axis=1)], axis=1)
-            return jnp.repeat(y, 2, axis=1)
-        return y
+            y = (jnp.concatenate([y[:, :1], jnp.repeat(y[:, 1:], 2, axis=1)], axis=1) if t % 2 == 1
+                 else jnp.repeat(y, 2, axis=1))
+        # Stored once: the next block's norm and shortcut both read it, and XLA would redo the interleave for each.
+        return jax.lax.optimization_barrier(y)
 
 
 # ----------------------------------------------------------------------------------------------------------------
