@@ -211,19 +211,6 @@ def _causal_conv3d_as_2d(x: jax.Array, past: jax.Array | None, kernel: jax.Array
     return jnp.concatenate([head, tap_sum(z, frames - lead)], axis=1)
 
 
-NARROW_POINTWISE_CHANNELS = 32  # CPU: pointwise convs with at most this many inputs are broadcast multiply-adds
-
-
-def _pointwise(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """A pointwise conv (`kernel` [in, out]): a matmul, or on CPU with at most `NARROW_POINTWISE_CHANNELS` inputs one
-    multiply-add per input channel, which XLA fuses into its consumer (the residual add) instead of a separate
-    matmul: 2x faster for 4-16 channels and 1.45x for 32 -> 32, with the add, on 8 frames of 480x720 (BUILD_NOTES
-    issue 15)."""
-    if jax.default_backend() == "cpu" and kernel.shape[0] <= NARROW_POINTWISE_CHANNELS:
-        return functools.reduce(operator.add, (x[..., i:i + 1] * kernel[i] for i in range(kernel.shape[0])))
-    return jnp.einsum("...i,io->...o", x, kernel)
-
-
 def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...]):
     return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
 
@@ -265,7 +252,7 @@ class Conv(nn.Module):
                 before = jnp.repeat(x[:, :1], self.kernel_size[0] - 1, axis=1) if past is None else past
                 x = jnp.concatenate([before.astype(x.dtype), x], axis=1)
             if all(k == 1 for k in self.kernel_size) and self.strides is None and self.padding is None:
-                y = _pointwise(x, kernel.reshape(kernel.shape[-2:]))
+                y = jnp.einsum("...i,io->...o", x, kernel.reshape(kernel.shape[-2:]))  # pointwise: a plain matmul
             else:
                 spatial = "DHW"[3 - rank:]
                 y = jax.lax.conv_general_dilated(x, kernel, strides, padding,
