@@ -279,7 +279,7 @@ class GroupNorm(nn.Module):
         per_group = channels // self.groups
         x = x.astype(jnp.float32)
         space = tuple(range(1, x.ndim - 1))
-        count = np.prod(x.shape[1:-1]) * per_group
+        count = int(np.prod(x.shape[1:-1])) * per_group
         broadcast = (x.shape[0],) + (1,) * len(space) + (channels,)
 
         def group_mean(sums: jax.Array) -> jax.Array:  # per-channel sums [B, C] -> each channel's group mean
