@@ -26,6 +26,7 @@ Numerics follow diffusers' `AutoencoderKLCogVideoX` (installed 0.42.1; identical
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -67,9 +68,34 @@ def resize_nearest(x: jax.Array, size: tuple[int, int, int]) -> jax.Array:
     return x
 
 
-def upsample_space(x: jax.Array) -> jax.Array:
-    """Nearest x2 in height and width."""
-    return jnp.repeat(jnp.repeat(x, 2, axis=2), 2, axis=3)
+def upsampled_conv_kernels(kernel: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """A 3x3 kernel `[3, 3, in, out]` (padding 1) -> per output row parity, the 3x3 kernel `[3, 3, in, 2 * out]` that,
+    on the input itself, makes the two column phases (column parity, out) of that conv on the input's nearest x2
+    upsample.
+
+    Output row 2i reads upsampled rows 2i-1, 2i, 2i+1 = input rows i-1, i, i (taps w0, w1 + w2); row 2i+1 reads input
+    rows i, i, i+1 (taps w0 + w1, w2); columns alike; zero padding of the upsample is zero padding of the input. The
+    same function at 1/4 of the pixels with no upsampled copy (exact up to the rounding of the summed taps, in fp32)."""
+    def phase_taps(w: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:  # taps over input offsets -1, 0, +1
+        w0, w1, w2 = (jnp.take(w, i, axis=axis) for i in range(3))
+        zero = jnp.zeros_like(w0)
+        return jnp.stack([w0, w1 + w2, zero], axis=axis), jnp.stack([zero, w0 + w1, w2], axis=axis)
+
+    def columns(row: jax.Array) -> jax.Array:  # [3, 3, in, out] -> [3, 3, in, 2 * out], (column parity, out)
+        return jnp.concatenate(phase_taps(row, 1), axis=-1).astype(kernel.dtype)
+
+    return tuple(columns(row) for row in phase_taps(kernel.astype(jnp.float32), 0))
+
+
+def conv_of_upsampled(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """The 3x3 conv (padding 1) of the nearest x2 upsample of frames `[N, H, W, in]`, `[N, 2H, 2W, out]`, computed on
+    `x` (`upsampled_conv_kernels`). Each row parity's (column parity, out) channels are its output rows already (a
+    reshape); the two parities interleave as whole rows (no per-pixel transpose, which XLA:CPU ran at <1 GB/s)."""
+    n, h, w, _ = x.shape
+    rows = [jax.lax.conv_general_dilated(x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            for k in upsampled_conv_kernels(kernel)]
+    out = kernel.shape[-1]
+    return jnp.stack([r.reshape(n, h, 2 * w, out) for r in rows], axis=2).reshape(n, 2 * h, 2 * w, out)
 
 
 def chunk_sizes(frames: int, chunk: int) -> tuple[int, int, int]:
@@ -182,15 +208,19 @@ def _causal_conv3d_as_2d(x: jax.Array, past: jax.Array | None, kernel: jax.Array
                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
         return y.reshape(*frames.shape[:2], *y.shape[1:3], taps, cout)
 
+    def tap_sum(z: jax.Array, frames: int) -> jax.Array:  # output frame f = sum over taps t of z[f + t] tap t
+        return functools.reduce(operator.add, (z[:, t:t + frames, :, :, t] for t in range(taps)))
+
     z = conv(x)
-    before = jnp.repeat(z[:, :1], taps - 1, axis=1) if past is None else conv(past.astype(x.dtype))
-    z = jnp.concatenate([before, z], axis=1)
+    lead = taps - 1
+    before = jnp.repeat(z[:, :1], lead, axis=1) if past is None else conv(past.astype(x.dtype))
     frames = x.shape[1]
-    out = None
-    for t in range(taps):  # output frame f = sum over taps t of tap t applied to input frame f + t of [past | x]
-        y = z[:, t:t + frames, :, :, t]
-        out = y if out is None else out + y
-    return out
+    # The first `lead` outputs read `before`; the rest read z alone. Joining only that head to `before` keeps XLA from
+    # materialising [before | z] whole (a copy of 3x the output, ~10 % of the tiny decoder).
+    head = tap_sum(jnp.concatenate([before, z[:, :lead]], axis=1), min(lead, frames))
+    if frames <= lead:
+        return head
+    return jnp.concatenate([head, tap_sum(z, frames - lead)], axis=1)
 
 
 def conv_as_2d() -> bool:
@@ -216,6 +246,7 @@ class Conv(nn.Module):
     padding: tuple[tuple[int, int], ...] | None = None
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    upsample_first: bool = False  # 2D 3x3, padding 1: convolve x's nearest x2 upsample (`conv_of_upsampled`)
 
     @nn.compact
     def __call__(self, x: jax.Array, past: jax.Array | None = None, causal: bool = False) -> jax.Array:
@@ -228,7 +259,11 @@ class Conv(nn.Module):
         bias = _param(self, "bias", nn.initializers.zeros, (self.features,), (axes.CONV_OUT,))
         x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
         strides, padding = self.strides or (1,) * rank, self.padding or ((0, 0),) * rank
-        if causal and conv_as_2d():
+        if self.upsample_first:
+            if self.kernel_size != (3, 3) or strides != (1, 1) or padding != ((1, 1), (1, 1)):
+                raise ValueError("upsample_first needs a 3x3 conv with stride 1 and padding 1")
+            y = conv_of_upsampled(x, kernel)
+        elif causal and conv_as_2d():
             y = _causal_conv3d_as_2d(x, past, kernel, strides[1:], padding[1:])
         else:
             if causal:
@@ -244,7 +279,13 @@ class Conv(nn.Module):
 
 
 class GroupNorm(nn.Module):
-    """torch.nn.GroupNorm over [B, T, H, W, C] in fp32 (biased variance, eps inside the sqrt), cast back."""
+    """torch.nn.GroupNorm over [B, T, H, W, C] in fp32 (biased variance, eps inside the sqrt), cast back.
+
+    Statistics are summed per channel, then per group, and the normalisation is one multiply-add per channel: the same
+    function as reshaping to [..., groups, channels / groups], without that reshape's short minor axis (one or two
+    channels per group in the tiny VAE), which XLA:CPU loops over element by element (1.6-2.3x slower on 8 frames of
+    480x720x8, BUILD_NOTES issue 15) and which sums less accurately in fp32 (7.7e-6 against 1.9e-7 relative to a
+    float64 GroupNorm there)."""
 
     groups: int
     epsilon: float = 1e-6
@@ -253,14 +294,22 @@ class GroupNorm(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         dtype, channels = x.dtype, x.shape[-1]
-        grouped = x.astype(jnp.float32).reshape(*x.shape[:-1], self.groups, channels // self.groups)
-        reduce = tuple(range(1, grouped.ndim - 2)) + (grouped.ndim - 1,)
-        mean = jnp.mean(grouped, axis=reduce, keepdims=True)
-        var = jnp.mean(jnp.square(grouped - mean), axis=reduce, keepdims=True)
-        y = ((grouped - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        per_group = channels // self.groups
+        x = x.astype(jnp.float32)
+        space = tuple(range(1, x.ndim - 1))
+        count = int(np.prod(x.shape[1:-1])) * per_group
+        broadcast = (x.shape[0],) + (1,) * len(space) + (channels,)
+
+        def group_mean(sums: jax.Array) -> jax.Array:  # per-channel sums [B, C] -> each channel's group mean
+            means = sums.reshape(-1, self.groups, per_group).sum(-1) / count
+            return jnp.repeat(means, per_group, axis=-1).reshape(broadcast)
+
+        mean = group_mean(jnp.sum(x, axis=space))
+        var = group_mean(jnp.sum(jnp.square(x - mean), axis=space))
         scale = _param(self, "scale", nn.initializers.ones, (channels,), (axes.NORM,))
         bias = _param(self, "bias", nn.initializers.zeros, (channels,), (axes.NORM,))
-        return (y * scale.astype(jnp.float32) + bias.astype(jnp.float32)).astype(dtype)
+        factor = jax.lax.rsqrt(var + self.epsilon) * scale.astype(jnp.float32)
+        return ((x - mean) * factor + bias.astype(jnp.float32)).astype(dtype)
 
 
 class CausalConv3d(nn.Module):
@@ -379,7 +428,11 @@ class Downsample3D(nn.Module):
 
 
 class Upsample3D(nn.Module):
-    """Nearest x2 in space, and in time when `compress_time` and T > 1 (odd T: frame 0 only in space), then Conv2d."""
+    """Nearest x2 in space, and in time when `compress_time` and T > 1 (odd T: frame 0 only in space), then Conv2d.
+
+    Computed in the other order, the same function: the per-frame conv runs on the input frames through the phase
+    kernel (`Conv.upsample_first`), and its output frames are repeated in time (a per-frame conv commutes with
+    repeating frames), so neither the upsampled input nor its repeated frames are ever convolved or stored."""
 
     features: int
     compress_time: bool
@@ -388,19 +441,15 @@ class Upsample3D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        frames = x.shape[1]
-        if self.compress_time and frames > 1:
-            if frames % 2 == 1:
-                x = jnp.concatenate([upsample_space(x[:, :1]), jnp.repeat(upsample_space(x[:, 1:]), 2, axis=1)],
-                                    axis=1)
-            else:
-                x = jnp.repeat(upsample_space(x), 2, axis=1)
-        else:
-            x = upsample_space(x)
         b, t = x.shape[:2]
         y = Conv(self.features, (3, 3), padding=((1, 1), (1, 1)), dtype=self.dtype, param_dtype=self.param_dtype,
-                 name="conv")(x.reshape(b * t, *x.shape[2:]))
-        return y.reshape(b, t, *y.shape[1:])
+                 upsample_first=True, name="conv")(x.reshape(b * t, *x.shape[2:]))
+        y = y.reshape(b, t, *y.shape[1:])
+        if self.compress_time and t > 1:
+            y = (jnp.concatenate([y[:, :1], jnp.repeat(y[:, 1:], 2, axis=1)], axis=1) if t % 2 == 1
+                 else jnp.repeat(y, 2, axis=1))
+        # Stored once: the next block's norm and shortcut both read it, and XLA would redo the interleave for each.
+        return jax.lax.optimization_barrier(y)
 
 
 # ----------------------------------------------------------------------------------------------------------------
