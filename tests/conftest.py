@@ -2,16 +2,17 @@
 
 import os
 import pathlib
+import shutil
 import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# One compilation cache per test run, shared by its xdist workers and the subprocesses they start: the CLI runs
-# and Animators the tests build compile the same programs again and again.
-_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID")
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
-                      os.path.join(tempfile.gettempdir(), f"a1_jax_xla_cache_{_RUN}") if _RUN
-                      else tempfile.mkdtemp(prefix="a1_jax_xla_cache_"))
+# One compilation cache per test run, shared by its xdist workers (started after this import, they inherit it) and
+# the subprocesses they start: the CLI runs and Animators the tests build compile the same programs again and again.
+# Removed when the run ends (`pytest_sessionfinish`).
+_OWN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _OWN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="a1_jax_xla_cache_")
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
@@ -20,6 +21,11 @@ jax.config.update("jax_default_matmul_precision", "highest")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
+
+
+def pytest_sessionfinish(session):
+    if _OWN_CACHE and not hasattr(session.config, "workerinput"):  # a plain run, or xdist's controller after its workers
+        shutil.rmtree(_OWN_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
