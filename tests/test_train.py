@@ -154,12 +154,17 @@ def _train_command(folder, clips, workdir) -> list[str]:
             "--workdir", str(workdir), "--steps", "8", "--save-every", "3", "--mesh", "single"]
 
 
-def _environment(folder) -> dict:
-    """The subprocess runs share one persistent compilation cache: the second and third load what the first
-    compiled (the same executables, so the same numbers)."""
-    return {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest",
-            "JAX_COMPILATION_CACHE_DIR": str(folder / "jax_cache"),
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.5"}
+def _environment() -> dict:
+    """The subprocesses use the test run's compilation cache (tests/conftest.py): they load what the session's runs,
+    in-process or not, compiled before them (the same executables, so the same numbers)."""
+    return {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest"}
+
+
+def _reading_cache(env: dict) -> dict:
+    """`env` for a process the test kills: it reads the compilation cache but writes nothing there. JAX writes an
+    entry in place, not atomically, so a kill mid-write would leave a truncated entry that every later reader of the
+    shared cache would warn about and compile again."""
+    return {**env, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "1e9"}  # no compile takes that long
 
 
 @pytest.fixture(scope="session")
@@ -168,7 +173,7 @@ def frames_run(clips, base, tmp_path_factory) -> pathlib.Path:
     run, as a real `python -m a1_jax train` process."""
     folder = tmp_path_factory.mktemp("frames_run")
     _write_config(folder, base, ema_decay=0.99)
-    done = subprocess.run(_train_command(folder, clips, folder / "run"), env=_environment(folder),
+    done = subprocess.run(_train_command(folder, clips, folder / "run"), env=_environment(),
                           capture_output=True, text=True, timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
@@ -292,7 +297,7 @@ def test_resume_after_kill_9_logs_the_uninterrupted_losses(frames_run, clips):
 
     folder = frames_run
     workdir = folder / "killed"
-    command, env = _train_command(folder, clips, workdir), _environment(folder)
+    command, env = _train_command(folder, clips, workdir), _environment()
     metrics = workdir / "metrics.jsonl"
     _kill_when(command, env, lambda: _saved(workdir), "the run")  # once a checkpoint is complete (step 3 or 6)
     assert 3 <= len(metrics.read_text().splitlines()) < 8
@@ -585,8 +590,9 @@ def test_train_identity_stage_from_i2v_learns_every_leaf_and_uses_the_face(ident
 
 # ------------------------------------------------------------------------------------- interrupted work, bad input
 def _kill_when(command, env, ready, what) -> None:
-    """Starts `command`, SIGKILLs it as soon as `ready()` holds; fails if it ended first."""
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    """Starts `command` (reading the compilation cache only), SIGKILLs it as soon as `ready()` holds; fails if it
+    ended first."""
+    process = subprocess.Popen(command, env=_reading_cache(env), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + HANG_GUARD
     while time.time() < deadline and process.poll() is None and not ready():
         time.sleep(0.01)
@@ -629,10 +635,10 @@ def test_train_killed_while_writing_its_first_checkpoint_then_rerun_completes(ca
     command = [sys.executable, "-m", "a1_jax", "train", "--config", str(config), "--data", str(cached),
                "--workdir", str(workdir), "--steps", "2", "--save-every", "1", "--mesh", "single"]
     partial = workdir / (checkpoint.WORKDIR_MODEL + trainer.PARTIAL)
-    _kill_when(command, _environment(tmp_path), partial.is_dir, "the first checkpoint")
+    _kill_when(command, _environment(), partial.is_dir, "the first checkpoint")
     assert not checkpoint.is_converted(workdir / checkpoint.WORKDIR_MODEL)
 
-    done = subprocess.run(command, env=_environment(tmp_path), capture_output=True, text=True, timeout=HANG_GUARD)
+    done = subprocess.run(command, env=_environment(), capture_output=True, text=True, timeout=HANG_GUARD)
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["resumed_from"] is None and not partial.exists()
@@ -690,14 +696,16 @@ def test_train_cli_refuses_a_foreign_workdir_and_a_changed_config_writing_nothin
 TWO_HOST_TOLERANCE = 1e-5  # |loss(2 processes) - loss(1 process)| / loss, every step
 
 
-def _two_processes(command: list[str], folder: pathlib.Path) -> list[subprocess.Popen]:
-    """`command` started as processes 0 and 1 of a 2-process run on 127.0.0.1, 4 CPU devices each."""
+def _two_processes(command: list[str], killed: bool = False) -> list[subprocess.Popen]:
+    """`command` started as processes 0 and 1 of a 2-process run on 127.0.0.1, 4 CPU devices each; `killed`: the test
+    will kill them (`_reading_cache`)."""
     import socket
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {k: v for k, v in _environment(folder).items() if not k.startswith("A1_JAX_")}
+    env = {k: v for k, v in _environment().items() if not k.startswith("A1_JAX_")}
+    env = _reading_cache(env) if killed else env
     env.update(JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4",
                A1_JAX_COORDINATOR=f"127.0.0.1:{port}", A1_JAX_NUM_PROCESSES="2")
     return [subprocess.Popen(command, env={**env, "A1_JAX_PROCESS_ID": str(i)}, stdout=subprocess.PIPE,
@@ -717,7 +725,7 @@ def test_train_on_two_processes_matches_one_and_resumes_after_both_are_killed(ca
                         mesh="fsdp")
     assert one["devices"] == 8 and one["processes"] == 1
 
-    processes = _two_processes(command, tmp_path)
+    processes = _two_processes(command, killed=True)
     deadline = time.time() + HANG_GUARD
     while time.time() < deadline and all(p.poll() is None for p in processes) and not _saved(workdir):
         time.sleep(0.01)
@@ -727,7 +735,7 @@ def test_train_on_two_processes_matches_one_and_resumes_after_both_are_killed(ca
     assert all(p.returncode == -signal.SIGKILL for p in processes), [err[-2000:] for _, err in outputs]
     assert _saved(workdir), "no checkpoint before the kill"
 
-    processes = _two_processes(command, tmp_path)
+    processes = _two_processes(command)
     outputs = [process.communicate(timeout=HANG_GUARD) for process in processes]
     assert all(p.returncode == 0 for p in processes), [err[-3000:] for _, err in outputs]
     summaries = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
