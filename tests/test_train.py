@@ -232,15 +232,28 @@ def _one_step(config: train_config.TrainConfig, mesh_name: str, batch: train_ste
     return state, metrics, text
 
 
-def test_shard_step_on_fsdp4_tensor2_and_accumulation_equal_the_single_device_step(cached, base):
+def _step_config(base, **changes) -> train_config.TrainConfig:
+    """The one-step tests' config: batch 4, EMA kept (the bf16 test checks its dtype; it changes no param)."""
+    return _config(base, data__batch_size=4, ema_decay=0.99, **changes)
+
+
+@pytest.fixture(scope="module")
+def fp32_step(cached, base) -> tuple:
+    """`_one_step` in fp32 on one device: the reference of the shard test and of the bf16 test, computed once."""
+    return _one_step(_step_config(base), "single", _latent_batch(cached, 4))
+
+
+def test_shard_step_on_fsdp4_tensor2_and_accumulation_equal_the_single_device_step(cached, base, fp32_step):
     """One train step from the same state and batch (4 examples) on one device, on fsdp=4 x tensor=2 (8 devices),
     and on one device in 2 accumulated microbatches: the loss, gradient norm and every updated parameter agree to
     SHARD_TOLERANCE (fp32; the reductions add in another order)."""
     batch = _latent_batch(cached, 4)
     results = {}
     for name, accumulate in (("single", 1), ("fsdp_tensor", 1), ("single", 2)):
-        config = _config(base, data__batch_size=4, optimizer__grad_accum=accumulate)
-        state, metrics, _ = _one_step(config, name, batch)
+        if (name, accumulate) == ("single", 1):
+            state, metrics, _ = fp32_step
+        else:
+            state, metrics, _ = _one_step(_step_config(base, optimizer__grad_accum=accumulate), name, batch)
         specs = " ".join(str(leaf.sharding.spec) for leaf in jax.tree_util.tree_leaves(state.params))
         results[name, accumulate] = (float(metrics["loss"]), float(metrics["grad_norm"]), _flat(state.params), specs)
     single = results["single", 1]
@@ -251,13 +264,12 @@ def test_shard_step_on_fsdp4_tensor2_and_accumulation_equal_the_single_device_st
         assert _relative_error(other[2], single[2]) <= SHARD_TOLERANCE
 
 
-def test_train_bf16_compute_keeps_fp32_master_weights(cached, base):
-    """One step computing in bf16 and one in fp32 from the same fp32 state and batch: after the bf16 step the params,
-    the optimizer state and the EMA are all fp32; the step really computes in bf16 (bf16 dots in its HLO, a loss that
-    differs from fp32's), and its loss is within BF16_TOLERANCE of the fp32 loss."""
-    batch = _latent_batch(cached, 2)
-    runs = {dtype: _one_step(_config(base, compute__dtype=dtype, ema_decay=0.99), "single", batch)
-            for dtype in ("float32", "bfloat16")}
+def test_train_bf16_compute_keeps_fp32_master_weights(cached, base, fp32_step):
+    """One step computing in bf16 and one in fp32 (the shard test's) from the same fp32 state and batch: after the
+    bf16 step the params, the optimizer state and the EMA are all fp32; the step really computes in bf16 (bf16 dots
+    in its HLO, a loss that differs from fp32's), and its loss is within BF16_TOLERANCE of the fp32 loss."""
+    runs = {"float32": fp32_step,
+            "bfloat16": _one_step(_step_config(base, compute__dtype="bfloat16"), "single", _latent_batch(cached, 4))}
     state, metrics, text = runs["bfloat16"]
     for tree in (state.params, state.opt_state, state.ema):
         floats = [leaf.dtype for leaf in jax.tree_util.tree_leaves(tree) if jnp.issubdtype(leaf.dtype, jnp.floating)]
