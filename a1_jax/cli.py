@@ -382,15 +382,16 @@ def _add_missing_face(parser: argparse.ArgumentParser) -> None:
 
 def _enable_compilation_cache() -> None:
     """Keeps compiled XLA programs on disk (`~/.cache/a1_jax/jax`, or `$JAX_COMPILATION_CACHE_DIR`), so a second run
-    of the same command and geometry starts in seconds instead of recompiling every network. Through the environment
-    when JAX is not imported yet (JAX reads it at import), so a command's checks run before that import."""
-    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        return
-    path = os.path.expanduser(os.path.join("~", ".cache", "a1_jax", "jax"))
-    if "jax" in sys.modules:
-        sys.modules["jax"].config.update("jax_compilation_cache_dir", path)
-    else:
-        os.environ["JAX_COMPILATION_CACHE_DIR"] = path
+    of the same command and geometry starts in seconds instead of recompiling every network. Every program is kept,
+    however fast it compiled (JAX's default keeps those over 1 s): a run has some fifty small ones (casts, slices,
+    the scheduler's state), seconds of compiling on every run otherwise. Through the environment when JAX is not
+    imported yet (JAX reads it at import), so a command's checks run before that import."""
+    settings = {"JAX_COMPILATION_CACHE_DIR": os.path.expanduser(os.path.join("~", ".cache", "a1_jax", "jax")),
+                "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    for name, default in settings.items():
+        value = os.environ.setdefault(name, default)
+        if "jax" in sys.modules:
+            sys.modules["jax"].config.update(name.lower(), float(value) if name.endswith("_SECS") else value)
 
 
 def _close_stages(args: argparse.Namespace) -> None:
