@@ -199,7 +199,8 @@ class Server:
         return summary["out"], summary["preview"], shown, summary["control"]
 
 
-PROGRESS_TICK = 0.02  # s; Gradio sends a job's latest progress every 10 ms, so a status shown for less may be lost
+PROGRESS_TICK = 0.05  # s between two progress updates: Gradio sends a job's latest every 10 ms (one shown for less
+# may never be sent) and the page may render two that arrive together as one
 
 
 def _show_progress(progress: Any, status: str, count: tuple[int, int, str] | None) -> None:
@@ -243,7 +244,7 @@ def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa:
         work = loop.run_in_executor(
             None, server.generate, request.session_hash, stages, portrait, driving, audio, text, steps, guidance,
             seed, fps, single_clip, max_frames)
-        change = None
+        change, shown_at = None, loop.time()
         try:
             while not work.done():
                 change = asyncio.ensure_future(changed.wait())
@@ -251,10 +252,10 @@ def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa:
                 change.cancel()
                 changed.clear()
                 taken = [changes.popleft() for _ in range(len(changes))]
-                for k, (status, count) in enumerate(_worth_showing(taken)):
-                    if k:
-                        await asyncio.sleep(PROGRESS_TICK)
+                for status, count in _worth_showing(taken):
+                    await asyncio.sleep(shown_at + PROGRESS_TICK - loop.time())  # the previous one reaches the page
                     _show_progress(progress, status, count)
+                    shown_at = loop.time()
         except asyncio.CancelledError:  # the cancel button, a client's job.cancel(), or a closed page
             if change is not None:
                 change.cancel()
