@@ -29,9 +29,27 @@ import numpy as np
 from a1_jax.models import siglip, vae
 
 
+# `x / 255 * 2 - 1` of every uint8 level in IEEE float32, as torch computes it; XLA turns a division by a constant into
+# a multiplication by its reciprocal, which differs in the last bit for 126 of the 256 levels.
+_UNIT_LEVELS = np.arange(256, dtype=np.float32) / np.float32(255) * np.float32(2) - np.float32(1)
+
+
+@jax.jit
 def to_unit_range(pixels: np.ndarray | jax.Array) -> jax.Array:
-    """uint8 pixels -> float32 in [-1, 1]."""
-    return jnp.asarray(pixels, jnp.float32) / 255.0 * 2.0 - 1.0
+    """uint8 pixels -> float32 in [-1, 1], by table: one pass over a whole control video."""
+    if pixels.dtype != jnp.uint8:
+        raise TypeError(f"to_unit_range takes uint8 pixels, got {pixels.dtype}")
+    return jnp.asarray(_UNIT_LEVELS)[pixels.astype(jnp.int32)]
+
+
+@jax.jit
+def to_pixels(video: jax.Array) -> jax.Array:
+    """Decoded frames in [-1, 1] -> uint8, as diffusers' postprocessing: `x * 0.5 + 0.5` clamped in the decoder's dtype,
+    then cast to float32 and rounded. In bf16 the shift rounds to bf16 as the reference's eager op does (XLA may keep
+    excess precision inside a fusion otherwise), and a level of output can depend on it."""
+    info = jnp.finfo(video.dtype)
+    shifted = jax.lax.reduce_precision(video * 0.5 + 0.5, info.nexp, info.nmant)
+    return jnp.rint(jnp.clip(shifted, 0, 1).astype(jnp.float32) * 255).astype(jnp.uint8)
 
 
 def to_dit_layout(latents: jax.Array) -> jax.Array:

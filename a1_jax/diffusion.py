@@ -6,8 +6,8 @@ linear and squared-cosine in float32, as diffusers builds them), ᾱ = cumprod(1
 release) match diffusers' to ~1e-16; the float32 ones to a few fp32 ulps (torch's vectorised float32 linspace and
 sqrt round some entries differently). `make_schedule` turns a config and a step count into per-step coefficient
 arrays, computed on the host in the table's own precision as diffusers computes its 0-d tensors, then cast to fp32;
-`step` is then two or three fp32 multiply-adds, pure and traceable (`index` may be a traced scalar inside
-`lax.scan`), so a whole sampling loop is one compiled scan.
+`step` is then two or three fp32 multiply-adds, pure and traceable (`index` may be a traced scalar), so one compiled
+program serves every step of a sampling loop.
 
 * DDIM (η = 0): `x̂₀` from the model output, `x_prev = a·x_t + b·x̂₀`.
 * DPM: diffusers' DPM-Solver++(2M) with noise injection: first order on the first step (and when the previous

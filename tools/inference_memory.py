@@ -7,7 +7,8 @@ measure it: `a1-jax bench pipeline` reports the runtime's peak (`memory_stats`).
 The programs are the ones `a1-jax animate` runs for one 49-frame window, compiled exactly as it calls them (the VAE
 and pose guider through their jitted chunk steps, the previous conv cache donated): SigLIP on the face crop; the VAE
 encoder on one tile of the reference; the pose guider's first frame chunk and its steady-state chunk, which also
-takes and returns the causal convolutions' cache; the whole denoising loop (CFG batch 2, every step); the VAE
+takes and returns the causal convolutions' cache; one denoising step (CFG batch 2; the loop runs it once per step,
+holding the scheduler's state and the window's overlap tails between steps); the VAE
 decoder's first and steady-state chunk of one tile. Each stage's peak, for both placements of the Animator, is
 
     the parameters resident on the device: every network's (`offload` off: all four stay on the device), or the
@@ -106,7 +107,9 @@ def stage_programs(configs: checkpoint.ModelConfigs, dtype: str, steps: int) -> 
     conditions = loop.Conditions(image=latents, pose=latents, face=_struct((1, s.num_patches, s.hidden_size), dtype))
     overlap = loop.Overlap(latents=_struct((steps, 1, loop.overlap_latent_frames(), *latents.shape[2:]), dtype),
                            active=_struct((steps,), bool))
-    denoise = jax.jit(functools.partial(loop.denoise, networks.transformer), static_argnames=("use_cfg",))
+    denoise_step = jax.jit(functools.partial(loop.step, networks.transformer), static_argnames=("use_cfg",))
+    state = jax.eval_shape(diffusion.init_state, latents)
+    tails = _struct(overlap.latents.shape, dtype)  # every step's tail, kept by the loop for the next window
 
     # Held on the device outside the stage's programs (the driver loops keep them between calls).
     posterior = _struct((1, 1, *latent, 2 * v.latent_channels), dtype)
@@ -133,10 +136,10 @@ def stage_programs(configs: checkpoint.ModelConfigs, dtype: str, steps: int) -> 
             encode, (params["pose_guider"], _struct((1, steady_encode, height, width, 3), jnp.float32),
                      encode_cache),
             "pose_guider", _bytes(params["pose_guider"]), _bytes((posterior, tokens, control_video, pose_moments))),
-        f"denoise ({steps} steps, CFG batch 2, {t.num_layers} blocks)": (
-            denoise, (params["transformer"], schedule, conditions, latents, _struct((), jnp.float32), overlap,
-                      jax.eval_shape(lambda: jax.random.key(0))),
-            "transformer", _bytes(params["transformer"]), _bytes(tokens)),
+        f"denoise (one of {steps} steps, CFG batch 2, {t.num_layers} blocks)": (
+            denoise_step, (params["transformer"], schedule, conditions, _struct((), jnp.float32), overlap,
+                           jax.eval_shape(lambda: jax.random.key(0)), latents, state, _struct((), jnp.int32)),
+            "transformer", _bytes(params["transformer"]), _bytes((tokens, tails))),
         f"vae decode, first chunk ({first_decode} latents of a {tile_latent[0]}x{tile_latent[1]} tile)": (
             decode, (decoder, tile_z, None), "vae", _bytes(decoder), _bytes(window) + decoded_tiles),
         f"vae decode, steady chunk ({steady_decode} latents + conv cache)": (

@@ -12,6 +12,7 @@
 """
 
 import asyncio
+import collections
 import contextlib
 import dataclasses
 import html
@@ -198,14 +199,29 @@ class Server:
         return summary["out"], summary["preview"], shown, summary["control"]
 
 
-def _show_progress(progress: Any, stages: Stages) -> None:
-    """The run's stage and its count ("denoise · window 1/2", 3 of 10 steps) on the page's progress bar."""
-    count = stages.count
+PROGRESS_TICK = 0.05  # s between two progress updates: Gradio sends a job's latest every 10 ms (one shown for less
+# may never be sent) and the page may render two that arrive together as one
+
+
+def _show_progress(progress: Any, status: str, count: tuple[int, int, str] | None) -> None:
+    """A run's stage and its count ("denoise · window 1/2", 3 of 10 steps) on the page's progress bar."""
     if count is None:
-        progress(0.0, desc=stages.status.strip())
+        progress(0.0, desc=status.strip())
     else:
         done, total, unit = count
-        progress((done, total), desc=stages.status.rsplit(f" {done}/{total}", 1)[0].strip(), unit=unit)
+        progress((done, total), desc=status.rsplit(f" {done}/{total}", 1)[0].strip(), unit=unit)
+
+
+def _worth_showing(changes: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    """Of the status changes that came since the page was last updated, the last of each stage's run: a count
+    overtaken by the next one of its stage need not show, but a stage's final count ("2/2 steps", then "decode") must,
+    or the page never shows that the stage finished."""
+    def stage(change: tuple[str, Any]) -> str:
+        status, count = change
+        return status if count is None else status.rsplit(f" {count[0]}/{count[1]}", 1)[0]
+
+    return [change for change, after in zip(changes, changes[1:] + [None])
+            if after is None or stage(after) != stage(change)]
 
 
 def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa: F821
@@ -216,21 +232,30 @@ def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa:
     # The API's defaults are the widgets' values (the CLI's), or None where a `None` default says so.
     async def animate(portrait, driving=None, audio=None, text=None, steps=None, guidance=None, seed=None, fps=None,
                       single_clip=None, max_frames=None, request: gr.Request = None, progress=gr.Progress()):
-        # The run's stages change in its threads (a step is the jitted loop's host callback); Gradio's progress
-        # belongs to this event's context, here in the event loop: each change wakes the loop, which shows it.
-        loop, changed = asyncio.get_running_loop(), asyncio.Event()
-        stages = Stages("animate", enabled=False, listener=lambda _: loop.call_soon_threadsafe(changed.set))
+        # The run's stages change in its thread; Gradio's progress belongs to this event's context, here in the event
+        # loop: each change is queued and wakes the loop, which shows what is worth showing.
+        loop, changes, changed = asyncio.get_running_loop(), collections.deque(), asyncio.Event()
+
+        def listener(stages: Stages) -> None:
+            changes.append((stages.status, stages.count))  # a deque's append and popleft are thread-safe
+            loop.call_soon_threadsafe(changed.set)
+
+        stages = Stages("animate", enabled=False, listener=listener)
         work = loop.run_in_executor(
             None, server.generate, request.session_hash, stages, portrait, driving, audio, text, steps, guidance,
             seed, fps, single_clip, max_frames)
-        change = None
+        change, shown_at = None, loop.time()
         try:
             while not work.done():
                 change = asyncio.ensure_future(changed.wait())
                 await asyncio.wait({work, change}, return_when=asyncio.FIRST_COMPLETED)
                 change.cancel()
                 changed.clear()
-                _show_progress(progress, stages)
+                taken = [changes.popleft() for _ in range(len(changes))]
+                for status, count in _worth_showing(taken):
+                    await asyncio.sleep(shown_at + PROGRESS_TICK - loop.time())  # the previous one reaches the page
+                    _show_progress(progress, status, count)
+                    shown_at = loop.time()
         except asyncio.CancelledError:  # the cancel button, a client's job.cancel(), or a closed page
             if change is not None:
                 change.cancel()

@@ -230,7 +230,10 @@ def conv_as_2d() -> bool:
 
 
 def _param(module: nn.Module, name: str, init: Callable, shape: tuple[int, ...], names: tuple[str | None, ...]):
-    return module.param(name, nn.with_logical_partitioning(init, names), shape, module.param_dtype)
+    """`module.param(name, init, shape)` with logical axes `names`, read as a variable: `param` traces its initializer
+    on every `apply` to check the shape, which was about half of tracing a chunk program (the loaders check shapes)."""
+    boxed = nn.with_logical_partitioning(init, names)
+    return module.variable("params", name, lambda: boxed(module.make_rng("params"), shape, module.param_dtype)).value
 
 
 class Conv(nn.Module):
@@ -628,7 +631,8 @@ def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
 
     One XLA call per chunk, so peak memory is one chunk's working set. (Under one jit, XLA removes a one-trip loop and
     overlaps the two chunks' buffers, which doubled the 5B decode's memory at 5 latents.) `tick()` after each chunk has
-    been computed (progress bars; it waits for the chunk, which dispatch would otherwise run ahead of)."""
+    been computed (progress bars). It waits on a chunk only once the next one is dispatched, so the next program is
+    traced (and compiled or read from the cache) while the device computes."""
     first, size, _ = chunk_sizes(x.shape[1], chunk)
     starts = [0, *range(first, x.shape[1], size)]
     outputs, cache = [], None
@@ -636,9 +640,12 @@ def _chunked(step: Callable, params: Any, x: jax.Array, chunk: int,
         stop = first if k == 0 else start + size
         y, cache = step(params, x[:, start:stop], cache)
         outputs.append(y)
-        if tick is not None:
-            jax.block_until_ready(y)
+        if tick is not None and k > 0:
+            jax.block_until_ready(outputs[k - 1])
             tick()
+    if tick is not None:
+        jax.block_until_ready(outputs[-1])
+        tick()
     return jnp.concatenate(outputs, axis=1)
 
 

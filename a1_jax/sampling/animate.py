@@ -9,7 +9,6 @@ portrait, landmarks; configs only), then the weights, then the networks.
 from __future__ import annotations
 
 import contextlib
-import logging
 import sys
 from typing import Iterator
 
@@ -25,16 +24,6 @@ from a1_jax.sampling import preflight
 from a1_jax.sampling.preflight import AnimateRequest
 from a1_jax.sampling.animator import Animator, NonFiniteLatents, Report, VideoPlan, plan_video
 from a1_jax.weights.checkpoint import ModelConfigs, model_config_folder
-
-
-class _QuietCancel(logging.Filter):
-    """JAX logs an exception raised in a host callback with its traceback; a cancel is not a fault."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not (record.exc_info and isinstance(record.exc_info[1], Cancelled))
-
-
-logging.getLogger("jax._src.debugging").addFilter(_QuietCancel())
 
 
 def random_weights_notice(networks: list[str]) -> str:
@@ -137,10 +126,7 @@ def run_animate(request: AnimateRequest, *, stages: Stages | None = None, animat
     except NonFiniteLatents as e:  # the writers have removed their partial files
         error = str(e)
         print(f"a1-jax: {error}", file=sys.stderr, flush=True)
-    except Exception as e:
-        # A cancel raised inside the jitted loop's step callback arrives wrapped in JAX's runtime error.
-        if not (isinstance(e, Cancelled) or stages.cancelled_at):
-            raise
+    except Cancelled:
         error, cancelled = f"cancelled at {stages.cancelled_at}: nothing was written", True
     finally:
         stages.close()

@@ -13,8 +13,8 @@ The stages are callable on their own, for scripts that bring their own control v
   `prepare_reference(image)`: canvas and face only, for a control video of your own);
 * `encode_reference(canvas, face)` once, then `conditions(reference, control, key)` per window: image latent (a
   fresh posterior sample per window, as the reference re-encodes per window), pose latents, face tokens;
-* `denoise(conditions, ...)`: the whole CFG + scheduler loop, one compiled `lax.scan`, compiled once per geometry
-  (every window of a long video reuses it);
+* `denoise(conditions, ...)`: the whole CFG + scheduler loop, one compiled step program run once per step, compiled
+  once per geometry (every step and every window of a long video reuse it; a later run reads it from JAX's cache);
 * `decode(latents)`: the VAE decoder (tiled where its memory budget needs it, as the 5B's is), through its
   frame-chunk driver (memory is one chunk's).
 
@@ -118,8 +118,8 @@ class Animator:
         self.weights = dict(weights or {name: "given" for name in checkpoint.NETWORKS})
         self.dtype = jnp.dtype(networks.transformer.dtype)
         self._step_listener: Callable[[int], None] | None = None
-        self._denoise = jax.jit(self._traced_denoise, static_argnames=("use_cfg", "on_step"))
-        self.traces = 0  # how many times the denoising loop was traced: once per geometry and step count
+        self._step = jax.jit(self._traced_step, static_argnames=("use_cfg",))
+        self.traces = 0  # how many times the denoising step was traced: once per geometry and step count
 
     @property
     def random_networks(self) -> list[str]:
@@ -131,9 +131,9 @@ class Animator:
         """True when any network is random: then the picture is not a likeness, whatever else was trained."""
         return bool(self.random_networks)
 
-    def _traced_denoise(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, jax.Array]:
+    def _traced_step(self, *args: Any, **kwargs: Any) -> tuple[jax.Array, diffusion.State, jax.Array]:
         self.traces += 1  # runs only while tracing
-        return loop.denoise(self.networks.transformer, *args, **kwargs)
+        return loop.step(self.networks.transformer, *args, **kwargs)
 
     # --- construction ------------------------------------------------------------------------------------------------
 
@@ -249,31 +249,31 @@ class Animator:
         schedule = self.schedule(steps)
         if overlap is None:
             overlap = loop.Overlap.none(steps, noise, loop.overlap_latent_frames())
-        # Every input replicated on the mesh: a fresh array and one a previous window returned then have the same
-        # type, so later windows reuse the compiled loop.
-        inputs = jax.device_put((schedule, conditions, noise, jnp.float32(guidance), overlap, scheduler_key),
-                                jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        # Every input replicated on the mesh: a fresh array and one a previous step or window returned then have the
+        # same type, so every step and window reuse the compiled step.
+        schedule, conditions, overlap, scheduler_key, scale, noise, state = jax.device_put(
+            (schedule, conditions, overlap, scheduler_key, jnp.float32(guidance), noise, diffusion.init_state(noise)),
+            jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec()))
+        use_cfg = guidance > 1
         with self._on_mesh(), self._placed("transformer") as params:
-            return self._denoise(params, *inputs, use_cfg=guidance > 1, on_step=self._on_step)
+            def run_step(latents: jax.Array, state: diffusion.State, index: jax.Array) -> tuple:
+                return self._step(params, schedule, conditions, scale, overlap, scheduler_key, latents, state, index,
+                                  use_cfg=use_cfg)
+
+            return loop.denoise(run_step, noise, state, steps, on_step=self._step_listener)
 
     def decode(self, latents: jax.Array, progress: Callable[[int, int], None] | None = None, *,
                tiling: bool | str = "auto", frames: int | None = None) -> np.ndarray:
         """Latents `[1, F, C, h, w]` -> uint8 frames `[T, H, W, 3]` (VAE decode, `tiling` as `vae.decode`; diffusers'
         postprocessing), or only the first `frames` of them (fewer chunks decoded, the same numbers).
         `progress(done, total)` after each of the decoder's chunk calls (tiles × frame chunks)."""
-        # In the reference's dtype and order (`1 / scaling_factor * latents`; `x * 0.5 + 0.5`, clamped, before the
-        # float cast): in bf16 each rounds, and a level of output can depend on it.
+        # In the reference's dtype and order (`1 / scaling_factor * latents`; then `cond.to_pixels`): in bf16 each
+        # step rounds, and a level of output can depend on it.
         with self._on_mesh(), self._placed("vae") as params:
             z = cond.from_dit_layout((1 / self.configs.vae.scaling_factor) * latents.astype(self.dtype))
             video = vae.decode(self.networks.vae, params, z.astype(self.dtype), tiling=tiling, progress=progress,
                                frames=frames)
-        video = np.asarray(jnp.clip(video[0] * 0.5 + 0.5, 0, 1).astype(jnp.float32))
-        return np.rint(video * 255).astype(np.uint8)
-
-    def _on_step(self, index: Any) -> None:
-        # Called from inside the compiled loop; traced once, so a flag here counts compilations.
-        if self._step_listener is not None:
-            self._step_listener(int(index))
+        return np.asarray(cond.to_pixels(video))[0]
 
     # --- whole videos -------------------------------------------------------------------------------------------------
 

@@ -1,5 +1,11 @@
-"""The denoising loop: classifier-free guidance on the face tokens and one scheduler step per iteration, compiled
-once as a `lax.scan` over the steps (spec §6.2, §6.3, §9.1).
+"""The denoising loop: classifier-free guidance on the face tokens and one scheduler step per iteration (spec §6.2,
+§6.3, §9.1). One step is one compiled program (`step`), run once per step by a host loop (`denoise`).
+
+Why not one `lax.scan` over the steps: a progress bar needs the host to see each step finish, and the only way out of
+a running program is a host callback, which makes JAX keep the program out of its persistent compilation cache (the
+5B's loop would be compiled again on every run). The step program has no callback, so it is compiled once per
+geometry and then read from the cache; the host dispatches step i + 1 before it waits on step i, so the device never
+waits on the host.
 
 Each step runs the DiT on the batch `[uncond, cond]`: both halves see the same noisy latents, pose latents and image
 latents (channel-concatenated in that order); the unconditional half gets all-zero face features. The two
@@ -8,8 +14,8 @@ compute dtype, as the reference does. With `guidance <= 1` the reference skips t
 
 Long videos (spec §9.1): a window after the first starts steps 4–7 (the reference's `fusion_interval` (3, 8)) by
 blending its first overlapping latent frames with the previous window's latents *after* that same step, which the
-previous window's loop returns. Both arrive as arguments with fixed shapes, so the first window and every later one
-run the same executable.
+previous window's loop returns. Both arrive as arguments with fixed shapes, so the first window and every later one,
+and every step, run the same executable.
 """
 
 from __future__ import annotations
@@ -76,41 +82,47 @@ def scheduler_noise(key: jax.Array, index: jax.Array, shape: tuple[int, ...]) ->
     return jax.random.normal(jax.random.fold_in(key, index), shape, jnp.float32)
 
 
-def denoise(transformer: Any, params: Any, schedule: diffusion.Schedule, conditions: Conditions, noise: jax.Array,
-            guidance: jax.Array, overlap: Overlap, key: jax.Array, *, use_cfg: bool = True,
-            on_step: Callable[[Any], None] | None = None) -> tuple[jax.Array, jax.Array]:
-    """Runs every step of `schedule` from `noise` `[1, F, C, h, w]` (compute dtype). Pure; jit it whole.
+def step(transformer: Any, params: Any, schedule: diffusion.Schedule, conditions: Conditions, guidance: jax.Array,
+         overlap: Overlap, key: jax.Array, latents: jax.Array, state: diffusion.State, index: jax.Array, *,
+         use_cfg: bool = True) -> tuple[jax.Array, diffusion.State, jax.Array]:
+    """Step `index` of `schedule` from `latents` `[1, F, C, h, w]` (compute dtype) and the scheduler's `state`. Pure;
+    jit it (`index` traced: every step runs one executable).
 
-    Returns the final latents and, for the next window, the last `overlap.latents.shape[2]` latent frames after each
-    step `[steps, 1, n, C, h, w]`. `key` feeds a scheduler that injects noise (DPM); `on_step(i)` is called from the
-    compiled loop after each step (progress bars).
-    """
-    dtype = noise.dtype
-    tail = overlap.latents.shape[2]
+    Returns the new latents and state and, for the next window, their last `overlap.latents.shape[2]` latent frames.
+    `key` feeds a scheduler that injects noise (DPM)."""
+    dtype = latents.dtype
     face = conditions.face.astype(dtype)
     if use_cfg:
         face = jnp.concatenate([jnp.zeros_like(face), face])
     copies = 2 if use_cfg else 1
     fixed = jnp.concatenate([jnp.repeat(conditions.pose, copies, axis=0),
                              jnp.repeat(conditions.image, copies, axis=0)], axis=2).astype(dtype)
-    injects_noise = diffusion.uses_noise(schedule)
+    latents = jnp.where(overlap.active[index], blend(latents, overlap.latents[index]), latents)
+    inputs = jnp.concatenate([jnp.repeat(latents, copies, axis=0), fixed], axis=2)
+    timestep = schedule.timesteps[index]
+    v = transformer.apply({"params": params}, inputs, face, jnp.full((copies,), timestep)).astype(jnp.float32)
+    if use_cfg:
+        v = v[:1] + guidance.astype(jnp.float32) * (v[1:] - v[:1])
+    step_noise = scheduler_noise(key, index, latents.shape) if diffusion.uses_noise(schedule) else None
+    latents, state = diffusion.step(schedule, index, v, latents, state, noise=step_noise)
+    latents = latents.astype(dtype)
+    return latents, state, latents[:, latents.shape[1] - overlap.latents.shape[2]:]
 
-    def one_step(carry, xs):
-        latents, state = carry
-        index, timestep, previous, active = xs
-        latents = jnp.where(active, blend(latents, previous), latents)
-        inputs = jnp.concatenate([jnp.repeat(latents, copies, axis=0), fixed], axis=2)
-        v = transformer.apply({"params": params}, inputs, face, jnp.full((copies,), timestep)).astype(jnp.float32)
-        if use_cfg:
-            v = v[:1] + guidance.astype(jnp.float32) * (v[1:] - v[:1])
-        step_noise = scheduler_noise(key, index, latents.shape) if injects_noise else None
-        latents, state = diffusion.step(schedule, index, v, latents, state, noise=step_noise)
-        latents = latents.astype(dtype)
-        if on_step is not None:
-            jax.debug.callback(on_step, index)
-        return (latents, state), latents[:, latents.shape[1] - tail:]
 
-    steps = schedule.timesteps.shape[0]
-    xs = (jnp.arange(steps, dtype=jnp.int32), schedule.timesteps, overlap.latents, overlap.active)
-    (latents, _), tails = jax.lax.scan(one_step, (noise, diffusion.init_state(noise)), xs)
-    return latents, tails
+def denoise(run_step: Callable[[jax.Array, diffusion.State, jax.Array], tuple[jax.Array, diffusion.State, jax.Array]],
+            noise: jax.Array, state: diffusion.State, steps: int,
+            on_step: Callable[[int], None] | None = None) -> tuple[jax.Array, jax.Array]:
+    """Every step from `noise` and the scheduler's first `state` (`diffusion.init_state`): `run_step(latents, state,
+    index)` is the compiled `step` with the window's other arguments bound. Returns the final latents and the tails
+    after each step `[steps, 1, n, C, h, w]` (what `Overlap.after` takes). `on_step(i)` once step i is computed."""
+    latents, tails = noise, []
+    for index in range(steps):
+        latents, state, tail = run_step(latents, state, jnp.int32(index))
+        tails.append(tail)
+        if on_step is not None and index > 0:  # step `index` is queued behind the one waited on
+            jax.block_until_ready(tails[index - 1])
+            on_step(index - 1)
+    if on_step is not None:
+        jax.block_until_ready(latents)
+        on_step(steps - 1)
+    return latents, jnp.stack(tails)
