@@ -394,30 +394,12 @@ def _enable_compilation_cache() -> None:
             sys.modules["jax"].config.update(name.lower(), float(value) if name.endswith("_SECS") else value)
 
 
-def _keep_freed_memory() -> None:
-    """glibc's malloc tuned for XLA:CPU's large short-lived buffers: one arena, no mmap, no trimming, so memory a
-    program freed is reused by the next instead of being unmapped and faulted in again, page by page (on the 2-core
-    demo: half the page faults, 3 CPU s less of kernel time, BUILD_NOTES issue 15). The memory is returned to the
-    system at exit. Before JAX starts its threads, which would otherwise take arenas of their own; glibc only."""
-    import ctypes
-    import platform
-
-    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
-        return
-    libc = ctypes.CDLL(None)
-    trim_threshold, mmap_max, arena_max = -1, -4, -8  # mallopt parameters (malloc.h)
-    for parameter, value in ((arena_max, 1), (mmap_max, 0), (trim_threshold, 2 ** 31 - 1)):
-        libc.mallopt(parameter, value)
-
-
 def _close_stages(args: argparse.Namespace) -> None:
     if getattr(args, "stages", None):
         args.stages.close()  # clears the status line before the last word
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    if "jax" not in sys.modules:  # a command of its own (a caller that has JAX running keeps its allocator)
-        _keep_freed_memory()
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:  # --help, --version, or a bad value (one line already printed): a code, not an exit
