@@ -239,6 +239,7 @@ def test_convert_then_load_gives_the_same_latents_and_offloaded_the_same_frames(
     card = type("Card", (), {"platform": "gpu", "memory_stats": lambda self: {"bytes_limit": 24 * 10**9}})()
     assert wants_offload("auto", {card: 13 * 10**9}) and not wants_offload("auto", {card: 11 * 10**9})
     assert not wants_offload("auto", {jax.devices()[0]: 10**15})  # the CPU backend has no device limit: off
+    assert wants_offload("on", {}) and not wants_offload("off", {})  # `--offload`'s words, as the CLI passes them
     with pytest.raises(UserError, match="--offload must be on, off or auto"):
         wants_offload("yes", {})
     assert {leaf.sharding.memory_kind for leaf in jax.tree_util.tree_leaves(restored.params)} == {"pinned_host"}

@@ -22,8 +22,8 @@ and the pipeline's peak is the largest of them. These are the compiler's plan, n
 
 XLA:CPU (the default here) has no bf16 matmul: its `float-normalization-bf16` pass converts every bf16 dot's operands
 to f32, and while-loop-invariant code motion then hoists the converts of the (loop-invariant) stacked DiT weights out
-of the step and layer loops, so an f32 copy of every weight (2× the bf16 bytes: 22.6 GB for the 5B) would sit in the
-denoising loop's temporaries. GPUs (Ampere on) and TPUs run bf16 matmuls natively: no convert, nothing to hoist,
+of the layer loop, so an f32 copy of every weight (2× the bf16 bytes: 22.6 GB for the 5B) would sit in the
+denoising step's temporaries. GPUs (Ampere on) and TPUs run bf16 matmuls natively: no convert, nothing to hoist,
 the weights are read in place. So on XLA:CPU the programs are compiled with that code motion off
 (`CPU_COMPILER_OPTIONS`): the weights are then read in place and converted one block at a time. Likewise the VAE's
 causal convs are traced as accelerators run them (the native 3-D conv), not in the per-frame 2-D form the VAE uses

@@ -50,14 +50,10 @@ def plan(request: AnimateRequest, configs: ModelConfigs, ref: str, source: Motio
                           progress=lambda done, total: stages.advance(done, total, "frames"))
 
 
-OFFLOAD = {"on": True, "off": False, "auto": "auto"}  # `--offload`
-
-
 def build_animator(checkpoint: str | None, config: str = "tiny", *, dtype: str | None = None,
                    mesh: str | None = None, offload: str = "auto") -> Animator:
     """The Animator of `checkpoint`, or seeded random weights for `config` without one (`--checkpoint`/`--config`);
     `offload`: `on`, `off` or `auto` (`Animator.from_pretrained`)."""
-    offload = OFFLOAD.get(offload, offload)  # anything else is refused by the Animator
     if checkpoint:
         return Animator.from_pretrained(checkpoint, dtype=dtype, mesh=mesh, offload=offload)
     return Animator.from_config(model_config_folder(config), seed=0, dtype=dtype, mesh=mesh, offload=offload)

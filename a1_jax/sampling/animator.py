@@ -429,10 +429,11 @@ def _image(image: np.ndarray | str | os.PathLike) -> tuple[str, np.ndarray]:
 # under all the parameters (13.6 GB in bf16); counting a stage as large as the parameters leaves room for what an
 # estimate does not model (allocator, workspaces).
 def wants_offload(offload: bool | str, params_per_device: dict[Any, int]) -> bool:
-    """`offload` itself, or for "auto": on where a device's parameters plus the largest stage, taken as large as the
-    parameters, exceed its memory (`memory_stats()["bytes_limit"]`); off where the backend has no limit (CPU)."""
-    if isinstance(offload, bool):
-        return offload
+    """`offload` itself (True/False, or `--offload`'s words "on"/"off"), or for "auto": on where a device's parameters
+    plus the largest stage, taken as large as the parameters, exceed its memory (`memory_stats()["bytes_limit"]`); off
+    where the backend has no limit (CPU)."""
+    if isinstance(offload, bool) or offload in ("on", "off"):
+        return offload in (True, "on")
     if offload != "auto":
         raise UserError(f"--offload must be on, off or auto; got {offload!r}")
     for device, held in params_per_device.items():
