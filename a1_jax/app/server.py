@@ -203,25 +203,27 @@ PROGRESS_TICK = 0.05  # s between two progress updates: Gradio sends a job's lat
 # may never be sent) and the page may render two that arrive together as one
 
 
+def _without_count(status: str, count: tuple[int, int, str] | None) -> str:
+    """A status line without its count: "denoise 3/10 steps" -> "denoise"."""
+    return status if count is None else status.rsplit(f" {count[0]}/{count[1]}", 1)[0]
+
+
 def _show_progress(progress: Any, status: str, count: tuple[int, int, str] | None) -> None:
     """A run's stage and its count ("denoise · window 1/2", 3 of 10 steps) on the page's progress bar."""
+    desc = _without_count(status, count).strip()
     if count is None:
-        progress(0.0, desc=status.strip())
+        progress(0.0, desc=desc)
     else:
         done, total, unit = count
-        progress((done, total), desc=status.rsplit(f" {done}/{total}", 1)[0].strip(), unit=unit)
+        progress((done, total), desc=desc, unit=unit)
 
 
 def _worth_showing(changes: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
     """Of the status changes that came since the page was last updated, the last of each stage's run: a count
     overtaken by the next one of its stage need not show, but a stage's final count ("2/2 steps", then "decode") must,
     or the page never shows that the stage finished."""
-    def stage(change: tuple[str, Any]) -> str:
-        status, count = change
-        return status if count is None else status.rsplit(f" {count[0]}/{count[1]}", 1)[0]
-
     return [change for change, after in zip(changes, changes[1:] + [None])
-            if after is None or stage(after) != stage(change)]
+            if after is None or _without_count(*after) != _without_count(*change)]
 
 
 def build_app(server: Server, *, weights_note: str) -> "gradio.Blocks":  # noqa: F821
